@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import airgap
 from airgap.bundle import PayloadFile, prepare_entry, scratch_dir, write_bundle
 from airgap.errors import SpecError
+from airgap.hashing import digest_file
 from airgap.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
 from airgap.progress import byte_progress
-from airgap.sources.gguf_meta import read_gguf_metadata
 from airgap.sources.selfwheel import build_self_wheel, runtime_requirements
 from airgap.sources.wheels import ResolvedWheel, resolve_wheels
 from airgap.spec import ModelSpec, Spec
@@ -59,7 +59,7 @@ def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: Buil
         work = Path(tmp)
         models, model_files = _collect_models(spec, options)
         wheels = _collect_wheels(spec, options, work / "wheels")
-        bootstrap = _bootstrap_requirements(spec, options, wheels, work)
+        bootstrap = _bootstrap_requirements(spec, wheels, work)
         packed = work / "packed"
         packed.mkdir()
         payload = [prepare_entry(path, entry, packed) for path, entry in [*model_files, *wheels_payload(wheels),
@@ -99,9 +99,15 @@ def _collect_models(spec: Spec, options: BuildOptions) -> tuple[list[ModelEntry]
             files.append((local, FileEntry(path=path, size=0, sha256="0" * 64, kind="model", source=source)))
             paths.append(path)
         gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
-        metadata = read_gguf_metadata(gguf_files[0]) if gguf_files else {}
+        metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
         models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=metadata))
     return models, files
+
+
+def _gguf_metadata(path: Path) -> dict[str, object]:
+    from airgap.sources.gguf_meta import read_gguf_metadata  # numpy-heavy: only when a GGUF is packed
+
+    return dict(read_gguf_metadata(path))
 
 
 def _fetch_model(model: ModelSpec, options: BuildOptions) -> list[tuple[Path, str, dict[str, str]]]:
@@ -119,15 +125,19 @@ def _fetch_model(model: ModelSpec, options: BuildOptions) -> list[tuple[Path, st
 
 
 def _collect_wheels(spec: Spec, options: BuildOptions, dest: Path) -> list[ResolvedWheel]:
-    self_dir = dest.parent / "self"
-    build_self_wheel(self_dir)
-    requirements = [*spec.python.requirements, f"airgap=={airgap.__version__}", *runtime_requirements()]
-    return resolve_wheels(
-        requirements, dest=dest, find_links=[*spec.python.find_links, self_dir],
+    # airgap itself is never resolved by name: an index could serve another project called "airgap"
+    resolved = resolve_wheels(
+        [*spec.python.requirements, *runtime_requirements()], dest=dest, find_links=spec.python.find_links,
         index_url=spec.python.index_url, python_version=spec.python.python_version,
         platforms=spec.python.platforms, lock_path=spec.lock_path, upgrade=options.upgrade,
         build_cache=options.wheel_cache, progress=options.progress,
     )
+    if any(w.name == "airgap" for w in resolved):
+        raise SpecError("the requirements pull in a package named 'airgap' from an index; airgap packs itself")
+    own = build_self_wheel(dest)
+    digest = digest_file(own)
+    return [*resolved, ResolvedWheel(name="airgap", version=airgap.__version__, filename=own.name, path=own,
+                                     size=digest.size, sha256=digest.sha256, source={"type": "self"})]
 
 
 def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:
@@ -136,15 +146,14 @@ def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:
 
 
 def _bootstrap_requirements(
-    spec: Spec, options: BuildOptions, wheels: list[ResolvedWheel], work: Path
+    spec: Spec, wheels: list[ResolvedWheel], work: Path
 ) -> tuple[Path, FileEntry]:
     """Pinned, hashed requirements for airgap alone, so an operator can install the tool with plain pip."""
     needed = resolve_wheels(
-        [f"airgap=={airgap.__version__}"], dest=work / "bootstrap", find_links=[w.path.parent for w in wheels[:1]],
-        no_index=True, python_version=spec.python.python_version, platforms=spec.python.platforms,
-        progress=False,
+        runtime_requirements(), dest=work / "bootstrap", find_links=[wheels[0].path.parent], no_index=True,
+        python_version=spec.python.python_version, platforms=spec.python.platforms, progress=False,
     )
-    names = {w.name for w in needed}
+    names = {w.name for w in needed} | {"airgap"}
     lines = [f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in wheels if w.name in names]
     path = work / BOOTSTRAP_REQUIREMENTS
     path.write_text("".join(lines))
