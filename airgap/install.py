@@ -144,7 +144,8 @@ def install_bundle(
             used = check_acceptance(manifest, manifest_sha, accepted, clock, overrides)
             gen_id = generation_id(manifest, manifest_sha)
             existing = state.generation(gen_id)
-            if existing is not None:
+            if existing is not None:  # still read it all: a damaged copy is reported, not silently ignored
+                read_payload(tar, manifest)
                 return _reactivate(prefix, state, existing)
             _check_base(prefix, manifest)
             _check_space(prefix, manifest)
