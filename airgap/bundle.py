@@ -313,10 +313,10 @@ def member_bytes(name: str, data: bytes, mtime: int) -> bytes:
     return _member_header(name, len(data), mtime) + data + bytes(_padding(len(data)))
 
 
-def prepare_entry(path: Path, entry: FileEntry, workdir: Path) -> PayloadFile:
+def prepare_entry(path: Path, entry: FileEntry, workdir: Path, compress: bool = True) -> PayloadFile:
     """Compress a compressible file into `workdir` if that saves enough; hash only if it was read anyway."""
     size = path.stat().st_size
-    if entry.kind == "model" or size == 0:
+    if entry.kind == "model" or size == 0 or not compress:
         return PayloadFile(path, replace(entry, size=size, storage="raw", stored_size=size,
                                          sha256=_PLACEHOLDER_SHA256))
     packed = workdir / f"{len(list(workdir.iterdir()))}.zst"
