@@ -86,3 +86,23 @@ def test_encrypted_key_needs_passphrase(tmp_path: Path, tiny_model: Path, wheelh
                    env={"AIRGAP_KEY_PASSPHRASE": "wrong"})
     assert wrong.code != 0 and "wrong passphrase" in wrong.error_line
     assert airgap("build", spec, "--key", tmp_path / "k.key", "-o", tmp_path / "d", "-q", env=env).code == 0
+
+
+def test_airgap_packs_its_own_wheel_never_one_from_an_index(built: Built, tmp_path: Path, tiny_model: Path,
+                                                             wheelhouse: Path, keys: KeyPair) -> None:
+    from airgap.sources.selfwheel import build_self_wheel
+
+    files = json.loads(airgap("inspect", built.bundle, "--json").stdout)["files"]
+    own = [f for f in files if f["path"].startswith("wheels/airgap-")]
+    assert len(own) == 1 and own[0]["source"] == {"type": "self"}
+    expected = hashlib.sha256(build_self_wheel(tmp_path / "self").read_bytes()).hexdigest()
+    assert own[0]["sha256"] == expected
+
+    # a package named "airgap" offered by a find-links folder (or an index) is refused, not packed
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    build_self_wheel(decoy)
+    spec = write_spec(tmp_path, model=tiny_model, wheelhouse=wheelhouse, requirements=("airgap",))
+    spec.write_text(spec.read_text().replace(f'find_links = ["{wheelhouse}"]', f'find_links = ["{wheelhouse}", "{decoy}"]'))
+    result = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "d", "-q")
+    assert result.code != 0 and "airgap packs itself" in result.error_line
