@@ -103,6 +103,7 @@ def test_airgap_packs_its_own_wheel_never_one_from_an_index(built: Built, tmp_pa
     decoy.mkdir()
     build_self_wheel(decoy)
     spec = write_spec(tmp_path, model=tiny_model, wheelhouse=wheelhouse, requirements=("airgap",))
-    spec.write_text(spec.read_text().replace(f'find_links = ["{wheelhouse}"]', f'find_links = ["{wheelhouse}", "{decoy}"]'))
+    text = spec.read_text()
+    spec.write_text(text.replace(f'find_links = ["{wheelhouse}"]', f'find_links = ["{wheelhouse}", "{decoy}"]'))
     result = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "d", "-q")
     assert result.code != 0 and "airgap packs itself" in result.error_line
