@@ -148,7 +148,7 @@ class HubSim:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="hubsim", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="hubsim", daemon=True)
         self._thread.start()
         return self
 
@@ -217,6 +217,14 @@ class HubSim:
         """Requests whose path contains `fragment` answer `status` (`times` times, or always)."""
         with self._lock:
             self._route_faults.append(RouteFault(fragment, status, times))
+
+    def clear_faults(self) -> None:
+        """Serve every file as announced again (gates stay: they are part of the repo)."""
+        with self._lock:
+            self._served_bytes.clear()
+            self._cuts.clear()
+            self._hidden.clear()
+            self._route_faults.clear()
 
     # request log
 
