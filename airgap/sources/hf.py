@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile
     from tqdm.auto import tqdm as base_tqdm
 
-COMMIT_LENGTH = 40
+COMMIT_RE = re.compile(r"[0-9a-fA-F]{40}")
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,9 @@ def fetch_hub_files(
 def _resolve_commit(api: HfApi, repo: str, revision: str) -> str:
     with _hub_errors(repo, revision):
         commit = api.repo_info(repo, revision=revision, repo_type="model").sha
-    if commit is None or len(commit) != COMMIT_LENGTH:
+    if commit is None or not COMMIT_RE.fullmatch(commit):
         raise FetchError(f"cannot fetch {repo}@{revision}: the hub answered no commit for it, got {commit!r}")
-    if len(revision) == COMMIT_LENGTH and revision.lower() != commit:
+    if COMMIT_RE.fullmatch(revision) and revision.lower() != commit:
         raise FetchError(f"cannot fetch {repo}@{revision}: the hub resolved this commit to another one, {commit}")
     return commit
 
@@ -213,38 +214,46 @@ def _quiet_tqdm() -> type[base_tqdm[Any]]:
 
 @contextmanager
 def _hub_errors(repo: str, revision: str, filename: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's and its transport's exceptions into one-line FetchErrors."""
-    import httpx2
-    from huggingface_hub import errors
-
+    """Turn huggingface_hub's and its transport's exceptions into one-line FetchErrors naming what was fetched."""
     where = f"{repo}@{revision}" + (f" {filename}" if filename else "")
     try:
         yield
-    except errors.GatedRepoError as error:
-        raise FetchError(f"cannot fetch {where}: the repository is gated; accept its terms and set a token") from error
-    except errors.RepositoryNotFoundError as error:
-        reason = "repository not found, or private and the token gives no access"
+    except Exception as error:
+        reason = _reason(error, repo, revision)
+        if reason is None:
+            raise
         raise FetchError(f"cannot fetch {where}: {reason}") from error
-    except errors.RevisionNotFoundError as error:
-        raise FetchError(f"cannot fetch {where}: revision {revision} not found in {repo}") from error
-    except errors.RemoteEntryNotFoundError as error:
-        raise FetchError(f"cannot fetch {where}: the hub has no such file at this revision") from error
-    except errors.OfflineModeIsEnabled as error:
-        raise FetchError(f"cannot fetch {where}: huggingface_hub is in offline mode (HF_HUB_OFFLINE)") from error
-    except errors.LocalEntryNotFoundError as error:
-        reason = _first_line(error.__cause__ or error)
-        raise FetchError(f"cannot fetch {where}: the hub could not be reached, nothing cached: {reason}") from error
-    except errors.HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else "error"
-        raise FetchError(f"cannot fetch {where}: the hub answered HTTP {status}") from error
-    except errors.HFValidationError as error:
-        raise FetchError(f"cannot fetch {where}: {_first_line(error)}") from error
-    except (httpx2.HTTPError, ConnectionError, TimeoutError) as error:
-        raise FetchError(f"cannot fetch {where}: the hub could not be reached: {_first_line(error)}") from error
-    except OSError as error:
-        raise FetchError(f"cannot fetch {where}: download failed: {_first_line(error)}") from error
-    except ValueError as error:
-        raise FetchError(f"cannot fetch {where}: {_first_line(error)}") from error
+
+
+def _reason(error: BaseException, repo: str, revision: str) -> str | None:
+    """Why a hub call failed, in a few words; None for exceptions that are not about fetching."""
+    import httpx2
+    from huggingface_hub import errors
+
+    if isinstance(error, errors.GatedRepoError):
+        return "the repository is gated; accept its terms on the hub and use a token that has access"
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return "repository not found, or private and the token gives no access"
+    if isinstance(error, errors.RevisionNotFoundError):
+        return f"revision {revision} not found in {repo}"
+    if isinstance(error, errors.RemoteEntryNotFoundError):
+        return "the hub has no such file at this revision"
+    if isinstance(error, errors.OfflineModeIsEnabled):
+        return "huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
+    if isinstance(error, errors.LocalEntryNotFoundError):
+        # raised when the metadata request failed and the cache has nothing; the cause says why it failed
+        cause_reason = _reason(error.__cause__, repo, revision) if error.__cause__ is not None else None
+        return cause_reason or f"not in the cache and the hub is unusable: {_first_line(error)}"
+    if isinstance(error, errors.HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else "an error"
+        return f"the hub answered HTTP {status}"
+    if isinstance(error, errors.FileMetadataError):
+        return f"the server does not answer like a hub: {_first_line(error)}"
+    if isinstance(error, (httpx2.HTTPError, ConnectionError, TimeoutError)):
+        return f"the hub could not be reached: {_first_line(error)}"
+    if isinstance(error, (OSError, ValueError)):  # size consistency check, disk full, invalid repo id
+        return f"download failed: {_first_line(error)}"
+    return None
 
 
 def _first_line(error: BaseException) -> str:
