@@ -35,11 +35,10 @@ LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".onnx")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 CHUNK = 1 << 20
 TIMESTAMP = "2025-01-01T00:00:00.000Z"
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
-class HubFile:
+class SimFile:
     """One file of a commit: where its bytes come from and what the hub announces about them."""
 
     name: str
@@ -89,43 +88,34 @@ class RouteFault:
 @dataclass
 class Repo:
     repo_id: str
-    commits: dict[str, dict[str, HubFile]] = field(default_factory=dict)
+    commits: dict[str, dict[str, SimFile]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
     gated_token: str | None = None
     gated: bool = False
-
-
-def git_blob_oid(size: int, chunks: Iterator[bytes]) -> str:
-    hasher = hashlib.sha1(f"blob {size}\0".encode())  # git's object id, not a security use
-    for chunk in chunks:
-        hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
-def describe(name: str, source: Path | bytes) -> HubFile:
-    """Hash a file once, streaming, and decide whether the hub would keep it in LFS."""
-    sha256 = hashlib.sha256()
-    if isinstance(source, bytes):
-        size = len(source)
-        sha256.update(source)
-    else:
-        size = source.stat().st_size
-        with source.open("rb") as stream:
-            while chunk := stream.read(CHUNK):
-                sha256.update(chunk)
-    digest = sha256.hexdigest()
+def git_blob_hasher(size: int) -> hashlib._Hash:
+    return hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)  # git's object id
+
+
+def describe(name: str, source: Path | bytes) -> SimFile:
+    """Hash a file in one streaming read and decide whether the hub would keep it in LFS."""
+    size = len(source) if isinstance(source, bytes) else source.stat().st_size
+    unannounced = SimFile(name, source, size, "", "", False)
+    sha256, blob = hashlib.sha256(), git_blob_hasher(size)
+    for chunk in unannounced.open_range(0, size):
+        sha256.update(chunk)
+        blob.update(chunk)
     lfs = name.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
     if lfs:
-        pointer = lfs_pointer(digest, size)
-        oid = git_blob_oid(len(pointer), iter([pointer]))
-    else:
-        content = HubFile(name, source, size, digest, "", False)
-        oid = git_blob_oid(size, content.open_range(0, size))
-    return HubFile(name=name, source=source, size=size, sha256=digest, git_oid=oid, lfs=lfs)
+        pointer = lfs_pointer(sha256.hexdigest(), size)
+        blob = git_blob_hasher(len(pointer))
+        blob.update(pointer)
+    return SimFile(name=name, source=source, size=size, sha256=sha256.hexdigest(), git_oid=blob.hexdigest(), lfs=lfs)
 
 
 class HubSim:
@@ -148,7 +138,7 @@ class HubSim:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="hubsim", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="hubsim", daemon=True)
         self._thread.start()
         return self
 
@@ -217,6 +207,14 @@ class HubSim:
         """Requests whose path contains `fragment` answer `status` (`times` times, or always)."""
         with self._lock:
             self._route_faults.append(RouteFault(fragment, status, times))
+
+    def clear_faults(self) -> None:
+        """Serve every file as announced again (gates stay: they are part of the repo)."""
+        with self._lock:
+            self._served_bytes.clear()
+            self._cuts.clear()
+            self._hidden.clear()
+            self._route_faults.clear()
 
     # request log
 
@@ -371,7 +369,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         if hub_file is None or (repo_id, filename) in self.sim._hidden:
             raise HubError(404, "EntryNotFound", f"{filename} does not exist at {commit}")
         served = self.sim._served_bytes.get((repo_id, filename))
-        source = hub_file if served is None else HubFile(filename, served, len(served), "", "", hub_file.lfs)
+        source = hub_file if served is None else SimFile(filename, served, len(served), "", "", hub_file.lfs)
         etag = hub_file.sha256 if hub_file.lfs else hub_file.git_oid
         headers = {
             "X-Repo-Commit": commit,
@@ -432,7 +430,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._send(error.status, headers, iter([data] if send_body else []))
 
 
-def _tree_entries(files: Mapping[str, HubFile], base: str, recursive: bool) -> list[dict[str, object]]:
+def _tree_entries(files: Mapping[str, SimFile], base: str, recursive: bool) -> list[dict[str, object]]:
     prefix = f"{base}/" if base else ""
     entries: list[dict[str, object]] = []
     folders: set[str] = set()
