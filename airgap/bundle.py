@@ -7,10 +7,14 @@ else: only regular members, only names the signed manifest lists, sizes capped b
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
@@ -18,7 +22,17 @@ from typing import BinaryIO, Protocol, cast
 import zstandard
 
 from airgap.errors import FormatError, IntegrityError
-from airgap.hashing import CHUNK_SIZE, Digest, Readable, digest_bytes, digest_chunks, iter_chunks
+from airgap.hashing import (
+    CHUNK_SIZE,
+    PIPELINE_MIN_BYTES,
+    Digest,
+    Prefetch,
+    Readable,
+    WriteBehind,
+    digest_bytes,
+    digest_chunks,
+    iter_chunks,
+)
 from airgap.manifest import DEFAULT_LIMITS, FileEntry, Limits, Manifest, parse_manifest
 from airgap.trust import SIGNATURES_BLOCK_SIZE, Signature, decode_signatures, encode_signatures
 
@@ -141,13 +155,53 @@ class _TarStream:
             got += len(chunk)
             yield chunk
         if got < size:
-            raise IntegrityError(f"bundle truncated: member {name!r} expected {size} bytes, found {got}")
+            raise _truncated(name, size, got)
+        self._end_member(size, name)
+
+    def _end_member(self, size: int, name: str) -> None:
         self.offset += size
         if self.read_exact(_padding(size), f"padding of {name}").strip(b"\0"):
             raise FormatError(f"non-zero padding after member {name!r} at offset {self.offset}")
 
     def read_member(self, name: str, size: int) -> bytes:
         return b"".join(self.member_chunks(size, name))
+
+
+def _truncated(name: str, size: int, got: int) -> IntegrityError:
+    return IntegrityError(f"bundle truncated: member {name!r} expected {size} bytes, found {got}")
+
+
+class _PositionalReader:
+    """Reads a regular file at explicit positions (os.pread), never moving the file's own offset."""
+
+    def __init__(self, fd: int, position: int) -> None:
+        self.fd = fd
+        self.position = position
+        self.end = os.fstat(fd).st_size
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = os.pread(self.fd, self.end - self.position if size < 0 else size, self.position)
+        self.position += len(data)
+        return data
+
+
+class _PositionalTar(_TarStream):
+    """The strict tar reader over a regular file, able to step over a member's data without reading it."""
+
+    def __init__(self, reader: _PositionalReader, offset: int) -> None:
+        super().__init__(reader)
+        self.reader = reader
+        self.offset = offset
+
+    def skip_member(self, size: int, name: str) -> int:
+        """Step over a member's data (checking that it is all there); return where the data starts."""
+        start = self.reader.position
+        available = max(0, self.reader.end - start)
+        if available < size:
+            raise _truncated(name, size, available)
+        self.reader.position += size
+        self._end_member(size, name)
+        return start
 
 
 def _type_name(kind: bytes) -> str:
@@ -191,7 +245,33 @@ def read_payload(
     open_sink: SinkFactory | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> None:
-    """Stream every payload member once, checking name, size and SHA-256 against the signed manifest."""
+    """Read every payload member once, checking name, size and SHA-256 against the signed manifest.
+
+    `open_sink(entry)` is called in bundle order; a sink gets its file's bytes, then `close(ok)`,
+    before the next sink is opened. From a regular file, the tar headers are all checked first (the
+    reader steps over the data), then the members that have no sink are hashed in parallel, one per
+    core, while those with a sink are streamed in bundle order. From anything else (a pipe, joined
+    volumes) every member is streamed in order. Both ways accept and refuse the same bundles.
+    """
+    position = _file_position(tar.stream)
+    if position is not None:
+        fd, start = position
+        walker = _PositionalTar(_PositionalReader(fd, start), tar.offset)
+        _read_payload_positional(walker, manifest, open_sink, progress)
+        tar.stream.seek(walker.reader.position)  # type: ignore[attr-defined]  # as if read to the end
+        tar.offset = walker.offset
+        return
+    for entry, size in _payload_members(tar, manifest):
+        sink = None if open_sink is None else open_sink(entry)
+        _verify_stream(entry, tar.member_chunks(size, entry.member_name), sink, progress)
+
+
+def _payload_members(tar: _TarStream, manifest: Manifest) -> Iterator[tuple[FileEntry, int]]:
+    """Each payload member's entry and stored size, once its header passed every check.
+
+    The caller reads or steps over exactly that many bytes before asking for the next member.
+    SHA256SUMS is checked here; the end of the archive is checked last.
+    """
     expected = {e.member_name: e for e in manifest.carried_files}
     sums_text = manifest.sha256sums_text()
     seen: set[str] = set()
@@ -210,10 +290,7 @@ def read_payload(
         if size != entry.stored_size:
             raise IntegrityError(
                 f"{entry.path}: manifest says {entry.stored_size} stored bytes, bundle member has {size}")
-        chunks = tar.member_chunks(size, name)
-        if progress is not None:
-            chunks = _counting(chunks, progress)
-        _verify_member(entry, chunks, None if open_sink is None else open_sink(entry))
+        yield entry, size
     missing = [e.path for e in manifest.carried_files if e.member_name not in seen]
     if missing:
         raise IntegrityError(f"bundle lacks {len(missing)} file(s) the signed manifest lists, first {missing[0]!r}")
@@ -221,22 +298,129 @@ def read_payload(
         raise IntegrityError("bundle lacks SHA256SUMS")
 
 
-def _counting(chunks: Iterator[bytes], progress: Callable[[int], object]) -> Iterator[bytes]:
+def _file_position(stream: Readable) -> tuple[int, int] | None:
+    """The descriptor and current offset of a stream that is a regular file, else None."""
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        if not isinstance(fd, int) or not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        position = stream.tell()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the latter
+        return None
+    return (fd, position) if isinstance(position, int) else None
+
+
+def _read_payload_positional(
+    tar: _PositionalTar, manifest: Manifest, open_sink: SinkFactory | None, progress: Callable[[int], object] | None,
+) -> None:
+    members = [(entry, tar.skip_member(size, entry.member_name)) for entry, size in _payload_members(tar, manifest)]
+    if open_sink is None:  # nothing depends on the order: the biggest first, so that no core idles at the end
+        members.sort(key=lambda m: -m[0].stored_size)
+    shared = _SharedProgress(progress)
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="airgap-verify")
+    jobs: list[tuple[int, Future[None]]] = []
+    try:
+        for entry, offset in members:
+            sink = None if open_sink is None else open_sink(entry)
+            chunks = _pread_chunks(tar.reader.fd, offset, entry.stored_size, entry.member_name, cancel)
+            if sink is None:
+                jobs.append((offset, pool.submit(_verify_stream, entry, chunks, None, shared.advance)))
+            else:
+                _verify_stream(entry, chunks, sink, shared.advance)
+        _first_failure(jobs, cancel)
+    finally:
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _first_failure(jobs: list[tuple[int, Future[None]]], cancel: threading.Event) -> None:
+    """Wait for every job; on a failure stop the others, then raise the failure earliest in the bundle."""
+    failures: list[tuple[int, BaseException]] = []
+    for offset, job in sorted(jobs, key=lambda j: j[0]):
+        try:
+            job.result()
+        except _Cancelled:
+            continue
+        except CancelledError:
+            continue
+        except BaseException as exc:
+            failures.append((offset, exc))
+            cancel.set()
+    if failures:
+        raise min(failures, key=lambda f: f[0])[1]
+
+
+class _Cancelled(Exception):
+    """Another member already failed: this one stops reading."""
+
+
+def _pread_chunks(fd: int, offset: int, size: int, name: str, cancel: threading.Event) -> Iterator[bytes]:
+    got = 0
+    while got < size:
+        if cancel.is_set():
+            raise _Cancelled
+        chunk = os.pread(fd, min(CHUNK_SIZE, size - got), offset + got)
+        if not chunk:
+            raise _truncated(name, size, got)  # the file shrank after its headers were read
+        got += len(chunk)
+        yield chunk
+
+
+class _SharedProgress:
+    """A progress callback that several threads may call."""
+
+    def __init__(self, progress: Callable[[int], object] | None) -> None:
+        self.progress = progress
+        self.lock = threading.Lock()
+
+    def advance(self, size: int) -> None:
+        if self.progress is not None:
+            with self.lock:
+                self.progress(size)
+
+
+def _verify_stream(
+    entry: FileEntry, chunks: Iterator[bytes], sink: Sink | None, progress: Callable[[int], object] | None,
+) -> None:
+    """Verify one member's stored bytes; a big one is read ahead and written behind in other threads."""
+    big = entry.stored_size >= PIPELINE_MIN_BYTES
+    with Prefetch(chunks) if big else contextlib.nullcontext(chunks) as stored:
+        counted: Iterable[bytes] = stored if progress is None else _counting(stored, progress)
+        _verify_member(entry, counted, sink, write_behind=big)
+
+
+def _counting(chunks: Iterable[bytes], progress: Callable[[int], object]) -> Iterator[bytes]:
     for chunk in chunks:
         progress(len(chunk))
         yield chunk
 
 
-def _verify_member(entry: FileEntry, stored: Iterator[bytes], sink: Sink | None) -> None:
-    raw = _decompressed(stored, entry) if entry.storage == "zstd" else _capped(stored, entry)
+def _verify_member(entry: FileEntry, stored: Iterable[bytes], sink: Sink | None, write_behind: bool = False) -> None:
+    chunks = iter(stored)
+    raw = _decompressed(chunks, entry) if entry.storage == "zstd" else _capped(chunks, entry)
+    writer = WriteBehind(sink.write, writeback_fd=_sink_fd(sink)) if sink is not None and write_behind else None
     ok = False
     try:
-        digest = digest_chunks(raw, None if sink is None else sink.write)
+        digest = digest_chunks(raw, None if sink is None else sink.write if writer is None else writer.write)
+        if writer is not None:
+            writer.finish()
         check_digest(entry, digest)
         ok = True
     finally:
+        if writer is not None and not ok:
+            writer.abandon()
         if sink is not None:
             sink.close(ok)
+
+
+def _sink_fd(sink: Sink) -> int | None:
+    """A sink that writes a file may offer `fileno()`: its data is then pushed to disk early."""
+    fileno = getattr(sink, "fileno", None)
+    if fileno is None:
+        return None
+    fd = fileno()
+    return fd if isinstance(fd, int) else None
 
 
 def check_digest(entry: FileEntry, digest: Digest) -> None:
@@ -352,8 +536,10 @@ def write_bundle(
     try:
         with tmp.open("wb") as out:
             out.seek(head_size)
-            final_entries = [_write_member(out, item, mtime, progress) for item in payload]
-            out.write(bytes(2 * BLOCK))
+            # reading, hashing and writing overlap: a reader thread per file, this thread hashes, one writer
+            with WriteBehind(out.write, writeback_fd=out.fileno(), offset=head_size) as writer:
+                final_entries = [_write_member(writer.write, item, mtime, progress) for item in payload]
+                writer.write(bytes(2 * BLOCK))
             manifest = replace(draft, files=tuple(final_entries)).with_sha256sums()
             head = _write_head(out, manifest, sign_manifest, mtime, head_size)
             out.flush()
@@ -386,21 +572,27 @@ def _write_head(
     return Head(manifest_bytes, manifest, signatures, len(manifest_member) + BLOCK)
 
 
-def _write_member(out: BinaryIO, item: PayloadFile, mtime: int, progress: Callable[[int], object] | None) -> FileEntry:
+def _write_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int,
+                  progress: Callable[[int], object] | None) -> FileEntry:
     entry = item.entry
-    out.write(_member_header(entry.member_name, entry.stored_size, mtime))
+    write(_member_header(entry.member_name, entry.stored_size, mtime))
 
     def sink(chunk: bytes) -> None:
-        out.write(chunk)
+        write(chunk)
         if progress is not None:
             progress(len(chunk))
 
     with item.source_path.open("rb", buffering=0) as source:
-        stored = digest_chunks(iter_chunks(source), sink)
+        chunks = iter_chunks(source)
+        if entry.stored_size < PIPELINE_MIN_BYTES:
+            stored = digest_chunks(chunks, sink)
+        else:
+            with Prefetch(chunks) as ahead:
+                stored = digest_chunks(ahead, sink)
     if stored.size != entry.stored_size:
         raise IntegrityError(f"{item.source_path} changed while packing: expected {entry.stored_size} bytes, "
                              f"found {stored.size}")
-    out.write(bytes(_padding(stored.size)))
+    write(bytes(_padding(stored.size)))
     if entry.storage == "raw":
         return replace(entry, sha256=stored.sha256)
     return entry

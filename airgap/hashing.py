@@ -1,16 +1,32 @@
-"""Streaming SHA-256: hash while reading or copying, never holding a whole file in memory."""
+"""Streaming SHA-256: hash while reading or copying, never holding a whole file in memory.
+
+SHA-256 of one stream cannot be split across cores, so one core's hashing speed bounds a big file.
+What can be taken off that core is everything else: reading runs in a background thread a few
+chunks ahead (`Prefetch`), writing runs in another a few chunks behind (`WriteBehind`), and
+separate files are hashed in parallel (`digest_files`). hashlib, file reads and writes all release
+the GIL for buffers this large, so the threads really run side by side.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
+import queue
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from types import TracebackType
+from typing import BinaryIO, Protocol, cast
 
-CHUNK_SIZE = 1 << 20  # large enough that hashlib releases the GIL and syscalls are amortised
+CHUNK_SIZE = 4 << 20  # amortises syscalls and queue hand-offs; a few of them in flight stay far below 100 MB
+PIPELINE_DEPTH = 4  # chunks a background reader or writer may run ahead of or behind the hasher
+PIPELINE_MIN_BYTES = 2 * CHUNK_SIZE  # below this a thread costs more than it saves
+WRITEBACK_BYTES = 64 << 20  # ask the kernel to start writing dirty pages to disk every this many bytes
 
 
 class Readable(Protocol):
@@ -55,20 +71,201 @@ def digest_bytes(data: bytes) -> Digest:
 
 
 def digest_file(path: Path, progress: Callable[[int], object] | None = None) -> Digest:
-    """Hash one file in a single streaming pass."""
+    """Hash one file in a single streaming pass, reading ahead in a background thread if it is big."""
     with path.open("rb", buffering=0) as stream:
         sink = (lambda chunk: progress(len(chunk))) if progress is not None else None
-        return digest_chunks(iter_chunks(stream), sink)
+        chunks: Iterator[bytes] = iter_chunks(stream)
+        if os.fstat(stream.fileno()).st_size < PIPELINE_MIN_BYTES:
+            return digest_chunks(chunks, sink)
+        with Prefetch(chunks) as ahead:
+            return digest_chunks(ahead, sink)
 
 
 def digest_files(paths: list[Path], workers: int | None = None) -> list[Digest]:
-    """Hash several files in parallel (hashlib releases the GIL), results in input order."""
+    """Hash several files in parallel, biggest first so that no core idles at the end; input order kept."""
     if len(paths) <= 1:
         return [digest_file(p) for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: -_size_or_zero(paths[i]))
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(digest_file, paths))
+        futures = {i: pool.submit(digest_file, paths[i]) for i in order}
+        return [futures[i].result() for i in range(len(paths))]
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # digest_file reports the real error
 
 
 def copy_and_digest(source: Readable, target: BinaryIO, limit: int | None = None) -> Digest:
     """Copy a stream into an open file while hashing it: one read of the data."""
     return digest_chunks(iter_chunks(source, limit), target.write)
+
+
+# ---------------------------------------------------------------- pipelining
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Prefetch:
+    """Runs a chunk iterator in a background thread, up to `depth` chunks ahead of the consumer.
+
+    The consumer sees the same chunks in the same order, and the producer's exception at the same
+    point. Until iteration ends or `close()` returns, the producer owns whatever the iterator reads
+    from: use it as a context manager so that an early exit stops and joins the thread.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], depth: int = PIPELINE_DEPTH) -> None:
+        self._chunks = chunks
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="airgap-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for chunk in self._chunks:
+                if not self._put(chunk):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(_Failed(exc))
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                self._thread.join()
+                return
+            if isinstance(item, _Failed):
+                self._thread.join()
+                raise item.error
+            yield cast(bytes, item)
+
+    def close(self) -> None:
+        """Stop the producer (if it still runs) and wait until it no longer touches the source."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        self._thread.join()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+
+class WriteBehind:
+    """Calls `write` in a background thread, in order, up to `depth` chunks behind the caller.
+
+    Chunks must not change after they are handed over (bytes do not). A failed write is raised by
+    the next `write()` or by `finish()`, which also waits until every chunk has been written: call it
+    before trusting the output. `abandon()` stops without waiting for the rest. Given the descriptor
+    of the file written, it asks the kernel every few MB to start writing the data to disk, so that
+    the final fsync has little left to wait for.
+    """
+
+    def __init__(self, write: Callable[[bytes], object], depth: int = PIPELINE_DEPTH,
+                 writeback_fd: int | None = None, offset: int = 0) -> None:
+        self._write = write
+        self._writeback_fd = writeback_fd  # the file `write` appends to, from `offset` on
+        self._offset = offset
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._consume, name="airgap-write", daemon=True)
+        self._thread.start()
+
+    def _consume(self) -> None:
+        written, unflushed = self._offset, 0
+        while (item := self._queue.get()) is not _END:
+            if self._error is not None:
+                continue  # drain: the caller learns of the failure and stops
+            try:
+                chunk = cast(bytes, item)
+                self._write(chunk)
+                size = len(chunk)
+                written += size
+                unflushed += size
+                if self._writeback_fd is not None and unflushed >= WRITEBACK_BYTES:
+                    start_writeback(self._writeback_fd, written - unflushed, unflushed)
+                    unflushed = 0
+            except BaseException as exc:  # raised in the caller's thread
+                self._error = exc
+
+    def write(self, chunk: bytes, /) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        self._queue.put(_END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or InterruptedError("write abandoned")
+            self._queue.put(_END)
+            self._thread.join()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if error is None:
+            self.finish()
+        else:
+            self.abandon()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a dirty range to disk now, so that a later fsync waits less.
+
+    Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) starts the writeback and returns; the pages stay
+    cached. Elsewhere, or if it fails, this does nothing: it is a hint, fsync still decides.
+    """
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
