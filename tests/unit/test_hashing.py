@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airgap.hashing import (
+    CHUNK_SIZE,
+    PIPELINE_DEPTH,
+    PIPELINE_MIN_BYTES,
+    Prefetch,
+    WriteBehind,
+    copy_and_digest,
+    digest_bytes,
+    digest_chunks,
+    digest_file,
+    digest_files,
+    iter_chunks,
+    start_writeback,
+)
+
+
+def expected(data: bytes) -> tuple[int, str]:
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, PIPELINE_MIN_BYTES + 12345])
+def test_digest_file_matches_hashlib_small_and_pipelined(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    seen: list[int] = []
+    digest = digest_file(path, progress=seen.append)
+    assert (digest.size, digest.sha256) == expected(data)
+    assert sum(seen) == size
+
+
+def test_digest_files_keeps_input_order(tmp_path: Path) -> None:
+    blobs = [os.urandom(n) for n in (10, PIPELINE_MIN_BYTES + 1, 0, 5000)]
+    paths = []
+    for i, blob in enumerate(blobs):
+        paths.append(tmp_path / f"{i}")
+        paths[-1].write_bytes(blob)
+    assert [(d.size, d.sha256) for d in digest_files(paths, workers=3)] == [expected(b) for b in blobs]
+
+
+def test_digest_files_reports_a_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"a")
+    with pytest.raises(FileNotFoundError):
+        digest_files([tmp_path / "a", tmp_path / "missing"])
+
+
+def test_chunks_respect_limit_and_copy_digests_what_it_writes() -> None:
+    data = os.urandom(3 * 1000 + 7)
+    assert b"".join(iter_chunks(io.BytesIO(data), limit=2500, chunk_size=1000)) == data[:2500]
+    target = io.BytesIO()
+    digest = copy_and_digest(io.BytesIO(data), target, limit=3000)
+    assert target.getvalue() == data[:3000]
+    assert digest == digest_bytes(data[:3000])
+
+
+def counted(n: int, fail_at: int | None = None, log: list[str] | None = None) -> Iterator[bytes]:
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"broken at {i}")
+            if log is not None:
+                log.append(f"made {i}")
+            yield bytes([i % 256]) * 3000
+    finally:
+        if log is not None:
+            log.append("closed")
+
+
+def test_prefetch_yields_the_same_chunks_in_order() -> None:
+    with Prefetch(counted(50)) as ahead:
+        assert list(ahead) == list(counted(50))
+
+
+def test_prefetch_raises_the_producers_error_after_the_chunks_before_it() -> None:
+    got = []
+    with pytest.raises(ValueError, match="broken at 7"), Prefetch(counted(20, fail_at=7)) as ahead:
+        got.extend(ahead)
+    assert len(got) == 7
+
+
+def test_prefetch_close_stops_the_producer_early_and_closes_its_source() -> None:
+    log: list[str] = []
+    with Prefetch(counted(10_000, log=log)) as ahead:
+        first = next(iter(ahead))
+    assert first == bytes(3000)
+    made = [entry for entry in log if entry.startswith("made")]
+    assert len(made) <= PIPELINE_DEPTH + 3  # it ran ahead a few chunks, not through the whole source
+    assert log[-1] == "closed"
+
+
+def test_write_behind_writes_everything_in_order_before_finish_returns() -> None:
+    out = io.BytesIO()
+    chunks = list(counted(100))
+    with WriteBehind(out.write) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+    assert out.getvalue() == b"".join(chunks)
+
+
+def test_write_behind_reports_a_failed_write() -> None:
+    written: list[bytes] = []
+
+    def write(chunk: bytes) -> None:
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(chunk)
+
+    writer = WriteBehind(write)
+    with pytest.raises(OSError, match="No space left"):
+        for chunk in counted(50):
+            writer.write(chunk)
+        writer.finish()
+    assert len(written) == 3
+
+
+def test_write_behind_abandon_drops_what_is_still_queued() -> None:
+    gate = threading.Event()
+    written: list[bytes] = []
+
+    def blocked(chunk: bytes) -> None:
+        gate.wait(5)
+        written.append(chunk)
+
+    writer = WriteBehind(blocked, depth=2)
+    for chunk in counted(3):  # one being written, two queued
+        writer.write(chunk)
+    threading.Timer(0.2, gate.set).start()
+    writer.abandon()
+    assert written == [bytes(3000)]
+
+
+def test_write_behind_with_writeback_writes_a_real_file(tmp_path: Path) -> None:
+    path = tmp_path / "out"
+    data = os.urandom(PIPELINE_MIN_BYTES * 9)  # crosses the writeback interval
+    with path.open("wb") as out, WriteBehind(out.write, writeback_fd=out.fileno()) as writer:
+        digest = digest_chunks(iter_chunks(io.BytesIO(data)), writer.write)
+    assert path.read_bytes() == data
+    assert digest == digest_bytes(data)
+
+
+def test_start_writeback_is_only_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10000)
+    with path.open("rb") as stream:
+        start_writeback(stream.fileno(), 0, 10000)  # a read-only descriptor: the kernel may refuse; no error here
+    start_writeback(-1, 0, 1)
+    assert path.read_bytes() == b"x" * 10000
