@@ -26,6 +26,7 @@ from airgap.hashing import (
     CHUNK_SIZE,
     PIPELINE_MIN_BYTES,
     Digest,
+    DirectFile,
     Prefetch,
     Readable,
     WriteBehind,
@@ -399,7 +400,7 @@ def _counting(chunks: Iterable[bytes], progress: Callable[[int], object]) -> Ite
 def _verify_member(entry: FileEntry, stored: Iterable[bytes], sink: Sink | None, write_behind: bool = False) -> None:
     chunks = iter(stored)
     raw = _decompressed(chunks, entry) if entry.storage == "zstd" else _capped(chunks, entry)
-    writer = WriteBehind(sink.write, writeback_fd=_sink_fd(sink)) if sink is not None and write_behind else None
+    writer = WriteBehind(sink.write) if sink is not None and write_behind else None
     ok = False
     try:
         digest = digest_chunks(raw, None if sink is None else sink.write if writer is None else writer.write)
@@ -414,13 +415,30 @@ def _verify_member(entry: FileEntry, stored: Iterable[bytes], sink: Sink | None,
             sink.close(ok)
 
 
-def _sink_fd(sink: Sink) -> int | None:
-    """A sink that writes a file may offer `fileno()`: its data is then pushed to disk early."""
-    fileno = getattr(sink, "fileno", None)
-    if fileno is None:
-        return None
-    fd = fileno()
-    return fd if isinstance(fd, int) else None
+class FileSink:
+    """A Sink writing one file: straight to disk where possible, fsynced and kept only if verified."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = path.open("wb")
+        self.writer = DirectFile(path, self.handle.fileno())
+
+    def write(self, chunk: bytes, /) -> object:
+        return self.writer.write(chunk)
+
+    def close(self, ok: bool) -> None:
+        try:
+            if ok:
+                self.writer.finish()
+                os.fsync(self.handle.fileno())
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            self.writer.close()
+            self.handle.close()
+            if not ok:
+                self.path.unlink(missing_ok=True)
 
 
 def check_digest(entry: FileEntry, digest: Digest) -> None:
@@ -535,11 +553,15 @@ def write_bundle(
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         with tmp.open("wb") as out:
-            out.seek(head_size)
             # reading, hashing and writing overlap: a reader thread per file, this thread hashes, one writer
-            with WriteBehind(out.write, writeback_fd=out.fileno(), offset=head_size) as writer:
-                final_entries = [_write_member(writer.write, item, mtime, progress) for item in payload]
-                writer.write(bytes(2 * BLOCK))
+            direct = DirectFile(tmp, out.fileno(), offset=head_size)
+            try:
+                with WriteBehind(direct.write) as writer:
+                    final_entries = [_write_member(writer.write, item, mtime, progress) for item in payload]
+                    writer.write(bytes(2 * BLOCK))
+                direct.finish()
+            finally:
+                direct.close()
             manifest = replace(draft, files=tuple(final_entries)).with_sha256sums()
             head = _write_head(out, manifest, sign_manifest, mtime, head_size)
             out.flush()

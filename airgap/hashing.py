@@ -10,8 +10,10 @@ the GIL for buffers this large, so the threads really run side by side.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
+import mmap
 import os
 import queue
 import sys
@@ -27,6 +29,8 @@ CHUNK_SIZE = 4 << 20  # amortises syscalls and queue hand-offs; a few of them in
 PIPELINE_DEPTH = 4  # chunks a background reader or writer may run ahead of or behind the hasher
 PIPELINE_MIN_BYTES = 2 * CHUNK_SIZE  # below this a thread costs more than it saves
 WRITEBACK_BYTES = 64 << 20  # ask the kernel to start writing dirty pages to disk every this many bytes
+DIRECT_ALIGN = 4096  # offsets and sizes of O_DIRECT writes: a multiple of any disk's logical block size
+DIRECT_BUFFER_SIZE = 8 << 20  # one direct write: large enough to keep the disk busy, small enough to not matter
 
 
 class Readable(Protocol):
@@ -184,35 +188,22 @@ class WriteBehind:
 
     Chunks must not change after they are handed over (bytes do not). A failed write is raised by
     the next `write()` or by `finish()`, which also waits until every chunk has been written: call it
-    before trusting the output. `abandon()` stops without waiting for the rest. Given the descriptor
-    of the file written, it asks the kernel every few MB to start writing the data to disk, so that
-    the final fsync has little left to wait for.
+    before trusting the output. `abandon()` stops without waiting for the rest.
     """
 
-    def __init__(self, write: Callable[[bytes], object], depth: int = PIPELINE_DEPTH,
-                 writeback_fd: int | None = None, offset: int = 0) -> None:
+    def __init__(self, write: Callable[[bytes], object], depth: int = PIPELINE_DEPTH) -> None:
         self._write = write
-        self._writeback_fd = writeback_fd  # the file `write` appends to, from `offset` on
-        self._offset = offset
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._consume, name="airgap-write", daemon=True)
         self._thread.start()
 
     def _consume(self) -> None:
-        written, unflushed = self._offset, 0
         while (item := self._queue.get()) is not _END:
             if self._error is not None:
                 continue  # drain: the caller learns of the failure and stops
             try:
-                chunk = cast(bytes, item)
-                self._write(chunk)
-                size = len(chunk)
-                written += size
-                unflushed += size
-                if self._writeback_fd is not None and unflushed >= WRITEBACK_BYTES:
-                    start_writeback(self._writeback_fd, written - unflushed, unflushed)
-                    unflushed = 0
+                self._write(cast(bytes, item))
             except BaseException as exc:  # raised in the caller's thread
                 self._error = exc
 
@@ -242,6 +233,111 @@ class WriteBehind:
             self.finish()
         else:
             self.abandon()
+
+
+class DirectFile:
+    """Writes a file sequentially from `offset` on, bypassing the page cache (O_DIRECT) where it can.
+
+    Writing gigabytes through the page cache costs more CPU than hashing them (every page is
+    allocated, filled, and later written back, often after evicting another), and the final fsync
+    then waits for all of it. Here the bytes are gathered in a page-aligned buffer that goes straight
+    to disk. The unaligned first and last few bytes go through the ordinary descriptor `fd`, and so
+    does everything if the file system refuses O_DIRECT (tmpfs, for one); those plain writes ask for
+    early writeback instead. Call `finish()` to write the rest, then fsync `fd` as usual. One thread
+    at a time (a WriteBehind thread, say).
+    """
+
+    def __init__(self, path: Path, fd: int, offset: int = 0) -> None:
+        self.fd = fd
+        self.base = offset  # file offset of buffer[0]; with no buffer, of the next byte
+        self.filled = 0
+        self.unflushed = 0  # plain bytes written since the last writeback request
+        self.direct = _open_direct(path)
+        self.buffer = mmap.mmap(-1, DIRECT_BUFFER_SIZE) if self.direct is not None else None
+
+    def write(self, data: bytes, /) -> int:
+        view = memoryview(data)
+        if self.buffer is not None and self.filled == 0 and self.base % DIRECT_ALIGN:
+            lead = min(len(view), -self.base % DIRECT_ALIGN)  # plain bytes up to the first aligned offset
+            self._plain(view[:lead])
+            view = view[lead:]
+        while view:
+            if self.buffer is None:
+                self._plain(view)
+                break
+            take = min(len(view), DIRECT_BUFFER_SIZE - self.filled)
+            self.buffer[self.filled:self.filled + take] = view[:take]
+            self.filled += take
+            view = view[take:]
+            if self.filled == DIRECT_BUFFER_SIZE:
+                self._flush()
+        return len(data)
+
+    def finish(self) -> None:
+        """Write what is still buffered (the unaligned tail plainly) and let go of the buffer."""
+        if self.buffer is not None:
+            self._flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
+            self.direct = None
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+    def _flush(self) -> None:
+        """Write the buffer's aligned part directly, the rest plainly, and empty it."""
+        assert self.buffer is not None
+        with memoryview(self.buffer) as whole:
+            view = whole[:self.filled]
+            aligned = self.filled - self.filled % DIRECT_ALIGN
+            done = self._direct(view[:aligned])
+            self.filled = 0
+            self._plain(view[done:])
+            view.release()
+        if self.direct is None:  # O_DIRECT failed: plain writes from now on
+            self.close()
+
+    def _direct(self, view: memoryview) -> int:
+        """Write as much of an aligned view directly as the file system allows; return how much."""
+        done = 0
+        while done < len(view) and self.direct is not None:
+            try:
+                written = os.pwrite(self.direct, view[done:], self.base)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                written = 0  # the file system takes O_DIRECT at open but not at write
+            done += written
+            self.base += written
+            if written <= 0 or written % DIRECT_ALIGN:
+                os.close(self.direct)  # refused, or a short write left us unaligned: go on plainly
+                self.direct = None
+        return done
+
+    def _plain(self, view: memoryview) -> None:
+        while view:
+            written = os.pwrite(self.fd, view, self.base)
+            if written <= 0:
+                raise OSError(errno.EIO, f"write made no progress at offset {self.base}")
+            self.base += written
+            self.unflushed += written
+            view = view[written:]
+        if self.unflushed >= WRITEBACK_BYTES:
+            start_writeback(self.fd, self.base - self.unflushed, self.unflushed)
+            self.unflushed = 0
+
+
+def _open_direct(path: Path) -> int | None:
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

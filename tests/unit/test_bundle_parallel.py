@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from airgap.bundle import Sink, prepare_entry, read_head, read_payload, write_bundle
-from airgap.errors import AirgapError
+from airgap.bundle import FileSink, Sink, prepare_entry, read_head, read_payload, write_bundle
+from airgap.errors import AirgapError, IntegrityError
 from airgap.hashing import PIPELINE_MIN_BYTES
 from airgap.manifest import FileEntry, Manifest
 from airgap.trust import sign
@@ -227,30 +227,24 @@ def test_a_failing_sink_write_is_raised_and_the_sink_closed_not_ok(tmp_path: Pat
     assert closed == [False]
 
 
-def test_a_file_sink_with_fileno_is_written_completely(tmp_path: Path, bundle: bytes) -> None:
+@pytest.mark.parametrize("damaged", [False, True])
+def test_file_sinks_keep_verified_files_and_remove_a_damaged_one(tmp_path: Path, bundle: bytes, damaged: bool) -> None:
+    start, size = offsets(bundle)["files/models/m.gguf"]
     path = tmp_path / "b.airgap"
-    path.write_bytes(bundle)
-    written: dict[str, Path] = {}
-
-    class FileSink:
-        def __init__(self, target: Path) -> None:
-            self.handle = target.open("wb")
-
-        def fileno(self) -> int:
-            return self.handle.fileno()
-
-        def write(self, chunk: bytes, /) -> object:
-            return self.handle.write(chunk)
-
-        def close(self, ok: bool) -> None:
-            self.handle.close()
+    path.write_bytes(flipped(bundle, start + size // 2) if damaged else bundle)
+    out = tmp_path / "out"
+    out.mkdir()
 
     def open_sink(entry: FileEntry) -> Sink | None:
-        written[entry.path] = tmp_path / entry.path.replace("/", "_")
-        return FileSink(written[entry.path])
+        return FileSink(out / entry.path.replace("/", "_"))
 
     with path.open("rb") as stream:
         head, tar = read_head(stream)
-        read_payload(tar, head.manifest, open_sink)
-        assert stream.tell() == len(bundle)  # left at the end, as if read through
-    assert {name: p.read_bytes() for name, p in written.items()} == FILES
+        if damaged:
+            with pytest.raises(IntegrityError, match="models/m.gguf: sha256 mismatch"):
+                read_payload(tar, head.manifest, open_sink)
+        else:
+            read_payload(tar, head.manifest, open_sink)
+            assert stream.tell() == len(bundle)  # left at the end, as if read through
+    kept = {name.replace("/", "_"): data for name, data in FILES.items() if not (damaged and name == "models/m.gguf")}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept

@@ -3,6 +3,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,13 +14,15 @@ import pytest
 
 from airgap.hashing import (
     CHUNK_SIZE,
+    DIRECT_ALIGN,
+    DIRECT_BUFFER_SIZE,
     PIPELINE_DEPTH,
     PIPELINE_MIN_BYTES,
+    DirectFile,
     Prefetch,
     WriteBehind,
     copy_and_digest,
     digest_bytes,
-    digest_chunks,
     digest_file,
     digest_files,
     iter_chunks,
@@ -140,13 +145,50 @@ def test_write_behind_abandon_drops_what_is_still_queued() -> None:
     assert written == [bytes(3000)]
 
 
-def test_write_behind_with_writeback_writes_a_real_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("offset", [0, 512, DIRECT_ALIGN + 7])
+@pytest.mark.parametrize("pieces", [[1], [DIRECT_ALIGN], [3, DIRECT_BUFFER_SIZE + 5, 100_000],
+                                    [DIRECT_BUFFER_SIZE, DIRECT_BUFFER_SIZE, 1]])
+def test_direct_file_writes_exactly_the_bytes_at_the_offset(tmp_path: Path, offset: int, pieces: list[int]) -> None:
     path = tmp_path / "out"
-    data = os.urandom(PIPELINE_MIN_BYTES * 9)  # crosses the writeback interval
-    with path.open("wb") as out, WriteBehind(out.write, writeback_fd=out.fileno()) as writer:
-        digest = digest_chunks(iter_chunks(io.BytesIO(data)), writer.write)
-    assert path.read_bytes() == data
-    assert digest == digest_bytes(data)
+    head = os.urandom(offset)
+    path.write_bytes(head)
+    chunks = [os.urandom(n) for n in pieces]
+    with path.open("r+b") as out:
+        writer = DirectFile(path, out.fileno(), offset)
+        with WriteBehind(writer.write) as behind:
+            for chunk in chunks:
+                behind.write(chunk)
+        writer.finish()
+        os.fsync(out.fileno())
+    assert path.read_bytes() == head + b"".join(chunks)
+
+
+def test_direct_file_falls_back_where_o_direct_is_refused(tmp_path: Path) -> None:
+    """ramfs refuses O_DIRECT at open: every byte then goes through plain writes."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a ramfs")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from airgap.hashing import DirectFile\n"
+        "path = Path(sys.argv[1]) / 'out'\n"
+        "data = os.urandom(3 * (8 << 20) + 11)\n"
+        "with path.open('wb') as out:\n"
+        "    writer = DirectFile(path, out.fileno(), 5)\n"
+        "    assert writer.direct is None, 'ramfs accepted O_DIRECT'\n"
+        "    writer.write(data[:100]); writer.write(data[100:]); writer.finish()\n"
+        "assert path.read_bytes()[5:] == data\n"
+        "print('fell back')\n"
+    )
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount -t ramfs ramfs "$1" && exec "$2" -c "$3" "$1"', "sh", str(mount),
+         sys.executable, script],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "fell back"
 
 
 def test_start_writeback_is_only_a_hint(tmp_path: Path) -> None:
