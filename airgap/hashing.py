@@ -9,6 +9,7 @@ the GIL for buffers this large, so the threads really run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -284,7 +285,8 @@ class DirectFile:
             os.close(self.direct)
             self.direct = None
         if self.buffer is not None:
-            self.buffer.close()
+            with contextlib.suppress(BufferError):  # a view held by an exception in flight: GC unmaps it later
+                self.buffer.close()
             self.buffer = None
 
     def _flush(self) -> None:

@@ -238,12 +238,17 @@ class Bench:
     ws: Workspace
     reps: int
     cold: bool
+    nice: int = 0
     python: str = sys.executable
     cases: dict[str, Case] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
         return self.ws.root
+
+    @property
+    def niced(self) -> list[str]:
+        return ["nice", "-n", str(self.nice)] if self.nice else []
 
     def case(self, name: str, group: str, command: str, note: str = "") -> Case:
         if name not in self.cases:
@@ -255,14 +260,14 @@ class Bench:
         env = {**self.ws.env, "AIRGAP_BENCH_TIMINGS": str(timings), "AIRGAP_BENCH_WRAP": PHASES[group]}
         case = self.case(name, group, "airgap " + " ".join(args), note)
         settle(inputs, self.cold)
-        sample = run_measured([self.python, "-c", WRAPPER, *args], env, self.root, timings)
+        sample = run_measured([*self.niced, self.python, "-c", WRAPPER, *args], env, self.root, timings)
         case.samples.append(sample)
         return sample
 
     def shell(self, name: str, group: str, script: str, inputs: Sequence[Path], note: str = "") -> Sample:
         case = self.case(name, group, script, note)
         settle(inputs, self.cold)
-        sample = run_measured(["bash", "-c", f"set -euo pipefail; {script}"], self.ws.env, self.root)
+        sample = run_measured([*self.niced, "bash", "-c", f"set -euo pipefail; {script}"], self.ws.env, self.root)
         case.samples.append(sample)
         return sample
 
@@ -467,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheelhouse", type=Path, default=DEFAULT_WHEELHOUSE)
     parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (root)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="run every measured command (ours and baselines alike) at this niceness; "
+                             "negative (root) shields them from other load on a shared machine")
     args = parser.parse_args(argv)
     groups = [g for g in args.only.split(",") if g]
     unknown = set(groups) - set(GROUPS)
@@ -481,13 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         ws = prepare(root, args.size, args.wheelhouse)
         print(f"data ready in {time.perf_counter() - t0:.1f} s: {ws.payload_bytes} payload bytes in {root}",
               file=sys.stderr)
-        bench = Bench(ws, args.reps, args.cold)
+        bench = Bench(ws, args.reps, args.cold, args.nice)
         bench.run(groups)
         cases = derived_cases(bench.cases)
         comparisons = compare(cases)
         info = {**started, "load_average_after": os.getloadavg(), "filesystem": filesystem(root),
                 "cache": "cold (page cache dropped before each run)" if args.cold else
-                "warm (inputs read once before each run; sync before each run)"}
+                "warm (inputs read once before each run; sync before each run)", "nice": args.nice}
         print(f"\n{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {info['filesystem']}, "
               f"{info['cache']}; payload {ws.payload_bytes / (1 << 30):.2f} GiB; commit {info['commit']}; "
               f"load {started['load_average'][0]:.1f} -> {info['load_average_after'][0]:.1f}\n")

@@ -163,10 +163,23 @@ def test_direct_file_writes_exactly_the_bytes_at_the_offset(tmp_path: Path, offs
     assert path.read_bytes() == head + b"".join(chunks)
 
 
+def run_in_private_mount(tmp_path: Path, fstype: str, options: str, script: str) -> str:
+    """Run a Python snippet with a fresh file system mounted at argv[1] (private mount namespace)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a file system")
+    mount = tmp_path / fstype
+    mount.mkdir()
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f'mount -t {fstype} {options} {fstype} "$1" && exec "$2" -c "$3" "$1"', "sh",
+         str(mount), sys.executable, script],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_direct_file_falls_back_where_o_direct_is_refused(tmp_path: Path) -> None:
     """ramfs refuses O_DIRECT at open: every byte then goes through plain writes."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare to mount a ramfs")
     script = (
         "import os, sys\n"
         "from pathlib import Path\n"
@@ -180,15 +193,27 @@ def test_direct_file_falls_back_where_o_direct_is_refused(tmp_path: Path) -> Non
         "assert path.read_bytes()[5:] == data\n"
         "print('fell back')\n"
     )
-    mount = tmp_path / "ramfs"
-    mount.mkdir()
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", 'mount -t ramfs ramfs "$1" && exec "$2" -c "$3" "$1"', "sh", str(mount),
-         sys.executable, script],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-        check=False)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "fell back"
+    assert run_in_private_mount(tmp_path, "ramfs", "", script) == "fell back"
+
+
+def test_file_sink_on_a_full_disk_raises_enospc_and_leaves_nothing(tmp_path: Path) -> None:
+    script = (
+        "import errno, os, sys\n"
+        "from pathlib import Path\n"
+        "from airgap.bundle import FileSink\n"
+        "from airgap.hashing import WriteBehind\n"
+        "path = Path(sys.argv[1]) / 'staged'\n"
+        "sink = FileSink(path)\n"
+        "try:\n"
+        "    with WriteBehind(sink.write) as writer:\n"
+        "        for _ in range(8):\n"
+        "            writer.write(os.urandom(1 << 20))\n"
+        "    sink.close(True)\n"
+        "except OSError as exc:\n"
+        "    sink.close(False)\n"
+        "    print(errno.errorcode[exc.errno], path.exists())\n"
+    )
+    assert run_in_private_mount(tmp_path, "tmpfs", "-o size=2m", script) == "ENOSPC False"
 
 
 def test_start_writeback_is_only_a_hint(tmp_path: Path) -> None:
