@@ -289,7 +289,8 @@ class Bench:
             self.shell("tar -I 'zstd -T0' -cf + sync", "build", f"{tar} && sync {archive}", [self.ws.data],
                        note="flushed to disk, as airgap build does (fsync)")
         else:
-            subprocess.run([self.python, "-m", "airgap", *build], env=self.ws.env, cwd=self.root, check=True)
+            subprocess.run([self.python, "-m", "airgap", *build], env=self.ws.env, cwd=self.root, check=True,
+                           stdout=subprocess.DEVNULL)
             subprocess.run(tar, shell=True, cwd=self.root, check=True)
         subprocess.run(f"sha256sum {archive} > {archive}.sha256", shell=True, cwd=self.root, check=True)
         return next(out.glob("*.airgap")), archive
@@ -417,7 +418,9 @@ def machine() -> dict[str, Any]:
                 if line.startswith("model name")), platform.processor())
     memory = next((int(line.split()[1]) << 10 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal")), 0)
-    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False)
+    commit = head.stdout.strip() if head.returncode == 0 else "not a git checkout"
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=False).stdout.strip())
     return {

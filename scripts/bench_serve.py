@@ -74,11 +74,14 @@ class Side:
     answers: list[Answer] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | None]:
-        rates = [a.decode_tps for a in self.answers if a.decode_tps]
+        rates = sorted(a.decode_tps for a in self.answers if a.decode_tps)
+        median = statistics.median(rates) if rates else None
         return {
             "cold_start_to_first_token_s": statistics.median(self.cold_starts) if self.cold_starts else None,
             "median_ttft_s": statistics.median(a.ttft_s for a in self.answers) if self.answers else None,
-            "median_decode_tokens_per_s": statistics.median(rates) if rates else None,
+            "median_decode_tokens_per_s": median,
+            # the fast answers alone: a bimodal side (see docs/BENCHMARKS.md) shows its best case here
+            "p90_decode_tokens_per_s": rates[int(0.9 * (len(rates) - 1))] if rates else None,
             "median_tokens": statistics.median(a.tokens for a in self.answers) if self.answers else None,
         }
 
@@ -281,12 +284,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 server.stop()
     sides = {side.name: side.summary() for side in (local, http)}
     a, b = (sides[s.name]["median_decode_tokens_per_s"] for s in (local, http))
+    a90, b90 = (sides[s.name]["p90_decode_tokens_per_s"] for s in (local, http))
     return {
         "model": str(model), "model_bytes": model.stat().st_size, "threads": args.threads, "ctx": args.ctx,
         "max_tokens": args.max_tokens, "prompts": len(prompts), "rounds": args.rounds, "server": args.server,
         "server_logits_all": args.logits_all, "sampling": SAMPLING,
         "cache": "cold (page cache dropped before each start)" if args.cold else "warm",
         "sides": sides, "http_decode_rate_vs_in_process": b / a if a and b else None,
+        "http_p90_decode_rate_vs_in_process": b90 / a90 if a90 and b90 else None,
         "answers": {side.name: [asdict(x) for x in side.answers] for side in (local, http)},
         "cold_starts": {side.name: side.cold_starts for side in (local, http)},
     }
@@ -296,13 +301,14 @@ def table(result: dict[str, Any]) -> str:
     def fmt(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| side | cold start to first token s | median TTFT s | median decode tokens/s | tokens |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| side | cold start to first token s | median TTFT s | median decode tokens/s | p90 decode tokens/s "
+             "| tokens |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in result["sides"].items():
         lines.append(f"| {name} | {fmt(s['cold_start_to_first_token_s'])} | {fmt(s['median_ttft_s'])} | "
-                     f"{fmt(s['median_decode_tokens_per_s'], 1)} | {fmt(s['median_tokens'], 0)} |")
-    ratio = result["http_decode_rate_vs_in_process"]
-    lines.append(f"\nHTTP decode rate / in-process: {fmt(ratio)} (target: at least 0.95)")
+                     f"{fmt(s['median_decode_tokens_per_s'], 1)} | {fmt(s['p90_decode_tokens_per_s'], 1)} | "
+                     f"{fmt(s['median_tokens'], 0)} |")
+    lines.append(f"\nHTTP decode rate / in-process: median {fmt(result['http_decode_rate_vs_in_process'])}, "
+                 f"p90 {fmt(result['http_p90_decode_rate_vs_in_process'])} (target: at least 0.95)")
     return "\n".join(lines)
 
 
