@@ -181,7 +181,7 @@ class _PositionalReader:
         self.end = os.fstat(fd).st_size
 
     def read(self, size: int = -1, /) -> bytes:
-        data = os.pread(self.fd, self.end - self.position if size < 0 else size, self.position)
+        data = os.pread(self.fd, max(0, self.end - self.position) if size < 0 else size, self.position)
         self.position += len(data)
         return data
 

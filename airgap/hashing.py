@@ -2,9 +2,10 @@
 
 SHA-256 of one stream cannot be split across cores, so one core's hashing speed bounds a big file.
 What can be taken off that core is everything else: reading runs in a background thread a few
-chunks ahead (`Prefetch`), writing runs in another a few chunks behind (`WriteBehind`), and
-separate files are hashed in parallel (`digest_files`). hashlib, file reads and writes all release
-the GIL for buffers this large, so the threads really run side by side.
+chunks ahead (`Prefetch`), writing runs in another a few chunks behind (`WriteBehind`), big outputs
+go straight to disk rather than through the page cache (`DirectFile`), and separate files are
+hashed in parallel (`digest_files`). hashlib, file reads and writes all release the GIL for buffers
+this large, so the threads really run side by side. Memory stays flat: a few chunks in flight.
 """
 
 from __future__ import annotations
