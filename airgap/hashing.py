@@ -28,8 +28,8 @@ from types import TracebackType
 from typing import BinaryIO, Protocol, cast
 
 CHUNK_SIZE = 4 << 20  # amortises syscalls and queue hand-offs; a few of them in flight stay far below 100 MB
-PIPELINE_DEPTH = 4  # chunks a background reader or writer may run ahead of or behind the hasher
-PIPELINE_MIN_BYTES = 2 * CHUNK_SIZE  # below this a thread costs more than it saves
+PIPELINE_DEPTH = 2  # chunks a background reader or writer may run ahead of or behind the hasher
+PIPELINE_MIN_BYTES = CHUNK_SIZE + 1  # from two chunks on, a thread saves more than it costs (~0.1 ms)
 WRITEBACK_BYTES = 64 << 20  # ask the kernel to start writing dirty pages to disk every this many bytes
 DIRECT_ALIGN = 4096  # offsets and sizes of O_DIRECT writes: a multiple of any disk's logical block size
 DIRECT_BUFFER_SIZE = 8 << 20  # one direct write: large enough to keep the disk busy, small enough to not matter

@@ -146,8 +146,7 @@ def test_write_behind_abandon_drops_what_is_still_queued() -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 512, DIRECT_ALIGN + 7])
-@pytest.mark.parametrize("pieces", [[1], [DIRECT_ALIGN], [3, DIRECT_BUFFER_SIZE + 5, 100_000],
-                                    [DIRECT_BUFFER_SIZE, DIRECT_BUFFER_SIZE, 1]])
+@pytest.mark.parametrize("pieces", [[1], [DIRECT_ALIGN], [3, DIRECT_BUFFER_SIZE + 5], [DIRECT_BUFFER_SIZE, 1]])
 def test_direct_file_writes_exactly_the_bytes_at_the_offset(tmp_path: Path, offset: int, pieces: list[int]) -> None:
     path = tmp_path / "out"
     head = os.urandom(offset)
@@ -185,7 +184,7 @@ def test_direct_file_falls_back_where_o_direct_is_refused(tmp_path: Path) -> Non
         "from pathlib import Path\n"
         "from airgap.hashing import DirectFile\n"
         "path = Path(sys.argv[1]) / 'out'\n"
-        "data = os.urandom(3 * (8 << 20) + 11)\n"
+        "data = os.urandom(2 * (8 << 20) + 11)\n"
         "with path.open('wb') as out:\n"
         "    writer = DirectFile(path, out.fileno(), 5)\n"
         "    assert writer.direct is None, 'ramfs accepted O_DIRECT'\n"
