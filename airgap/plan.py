@@ -111,6 +111,9 @@ class Overrides:
             raise PlanError(f"--threads must be at least 1, found {self.threads}")
 
 
+NO_OVERRIDES = Overrides()
+
+
 @dataclass(frozen=True)
 class Footprint:
     ram: int
@@ -176,7 +179,7 @@ def footprint(shape: ModelShape, n_gpu_layers: int, n_ctx: int, gpu_count: int =
 
 
 def make_plan(
-    shape: ModelShape, host: HostInfo, overrides: Overrides = Overrides(), gpu_offload: bool = True,
+    shape: ModelShape, host: HostInfo, overrides: Overrides = NO_OVERRIDES, gpu_offload: bool = True,
 ) -> Plan:
     """Choose n_gpu_layers, n_ctx and threads for `shape` on `host`; PlanError when it cannot fit.
 
@@ -316,7 +319,7 @@ def _describe_model(shape: ModelShape) -> str:
     quant = f" {shape.file_type}" if shape.file_type else ""
     return (
         f"model: {shape.architecture}{quant}, {shape.n_layer} layers, {_gib(shape.weights_bytes)} of weights,"
-        f" KV cache {kv / KIB:.0f} KiB per token of context, trained for {shape.context_length or 'unknown'} tokens"
+        f" KV cache {_gib(kv)} per token of context, trained for {shape.context_length or 'unknown'} tokens"
     )
 
 
@@ -353,7 +356,12 @@ def _describe_context(shape: ModelShape, n_ctx: int, largest: int, max_ctx: int)
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB // 10 else f"{n / MIB:.0f} MiB"
+    """Bytes for people: GiB with one decimal down to 0.1 GiB, then MiB, then KiB."""
+    if abs(n) >= GIB // 10:
+        return f"{n / GIB:.1f} GiB"
+    if abs(n) >= MIB:
+        return f"{n / MIB:.0f} MiB"
+    return f"{n / KIB:.0f} KiB" if abs(n) >= KIB else f"{n} bytes"
 
 
 def _is_count(value: object) -> bool:

@@ -117,7 +117,9 @@ class FakeInstall:
     model_ids: tuple[str, ...]
 
 
-def make_installed_prefix(root: Path, model_ids: tuple[str, ...] = ("tiny-chat",), venv: Path = MAIN_VENV) -> FakeInstall:
+def make_installed_prefix(
+    root: Path, model_ids: tuple[str, ...] = ("tiny-chat",), venv: Path = MAIN_VENV,
+) -> FakeInstall:
     """Lay out P/versions/g1 + P/current the way `airgap install` does, with models symlinked from P/store."""
     from airgap.hashing import digest_file
     from airgap.manifest import FileEntry, Manifest, ModelEntry
@@ -137,7 +139,7 @@ def make_installed_prefix(root: Path, model_ids: tuple[str, ...] = ("tiny-chat",
         rel = f"models/{model_id}/{model_id}.gguf"
         (version / rel).parent.mkdir(parents=True)
         (version / rel).symlink_to(stored)
-        files.append(FileEntry(path=rel, size=digest.size, sha256=digest.sha256, kind="model"))
+        files.append(FileEntry(path=rel, size=digest.size, sha256=digest.sha256, kind="model", stored_size=digest.size))
         models.append(ModelEntry(id=model_id, files=(rel,), gguf=tiny_gguf_metadata()))
     now = datetime.now(UTC).replace(microsecond=0)
     manifest = Manifest(
@@ -172,3 +174,18 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 def environ_without(*names: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET; (0, b"") when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
