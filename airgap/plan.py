@@ -289,9 +289,11 @@ def _context_bounds(shape: ModelShape) -> tuple[int, int]:
 def _threads(host: HostInfo, overrides: Overrides) -> tuple[int, int, str]:
     if overrides.threads is not None:
         return overrides.threads, overrides.threads, f"threads={overrides.threads} as requested"
-    # Token generation is memory-bound and hyper-threads only contend; prompt processing uses every CPU.
-    return host.cores, host.cpus, (
-        f"threads={host.cores} (one per physical core) for generation, {host.cpus} (every usable CPU) for prompts"
+    # One thread per physical core (hyper-threads only contend in llama.cpp's spinning thread pool), less one
+    # core left to the HTTP server, so /health and the event loop answer while a generation runs.
+    threads = max(host.cores - 1, 1)
+    return threads, threads, (
+        f"threads={threads}: one per physical core ({host.cores}), less one for the HTTP server"
     )
 
 

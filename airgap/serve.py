@@ -595,7 +595,14 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
 async def _serve_until_stopped(app: App, config: ServerConfig) -> int:
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Said here because uvicorn re-raises the signal once shut down, so nothing after serve() runs.
+            if not self.should_exit:
+                sd_notify("STOPPING=1")
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info", server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=10,
     ))
@@ -610,7 +617,6 @@ async def _serve_until_stopped(app: App, config: ServerConfig) -> int:
             feeding = asyncio.create_task(_feed_watchdog(interval))
             serving.add_done_callback(lambda _: feeding.cancel())
     await serving
-    sd_notify("STOPPING=1")
     return 0 if server.started else 1
 
 

@@ -23,6 +23,12 @@ TINY_HEADS = 4
 TINY_KV_HEADS = 2
 TINY_FFN = 128
 EOS_TOKEN_ID = 2
+BYTE_TOKEN_OFFSET = 3  # token 3 + b is the byte b
+
+# Request-side logit bias for the random model: never stop by chance, and emit only ASCII bytes. Random bytes
+# are mostly invalid UTF-8, which llama-cpp-python's streaming path retries to decode on every token (cubic
+# time); a real model emits valid UTF-8 and never hits that.
+STEADY_ASCII = {str(EOS_TOKEN_ID): -100.0, **{str(BYTE_TOKEN_OFFSET + b): -100.0 for b in range(128, 256)}}
 
 # ChatML, the template most chat models ship; llama-cpp-python renders it from the GGUF's metadata.
 CHAT_TEMPLATE = (
@@ -152,6 +158,24 @@ def make_installed_prefix(
     return FakeInstall(prefix=prefix, model_ids=model_ids)
 
 
+def overlay_venv(root: Path, venv: Path = MAIN_VENV) -> Path:
+    """A venv that imports this checkout's airgap first and everything else from `venv`.
+
+    Stands in for the installed venv (which has airgap itself installed) where a test must not pass
+    PYTHONPATH, e.g. when `serve()` builds the server's environment itself.
+    """
+    import subprocess
+    import sysconfig
+
+    target = root / "venv"
+    subprocess.run([str(venv / "bin" / "python"), "-m", "venv", "--without-pip", str(target)], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(target), "platbase": str(target)}))
+    worktree = Path(__file__).resolve().parents[2]
+    base_site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "00-airgap-checkout.pth").write_text(f"{worktree}\n{base_site}\n")
+    return target
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -189,3 +213,61 @@ def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
         return int(exc.code), bytes(exc.read())
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, b""
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket in LISTEN state on `port`, read from /proc/net/tcp{,6}."""
+    import ipaddress
+
+    found: set[str] = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port or len(address) != width:
+                continue
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, width, 8))
+            found.add(str(ipaddress.ip_address(raw)))
+    return found
+
+
+def offline_roundtrip(prefix: Path) -> dict[str, Any]:
+    """Serve `prefix` and chat with it once; meant to run inside `unshare -n` (only loopback up)."""
+    import openai
+
+    from airgap.serve import prepare_server, start_server
+
+    outside: str
+    try:
+        with socket.create_connection(("192.0.2.1", 80), timeout=2):
+            outside = "connected"
+    except OSError as exc:
+        outside = exc.strerror or str(exc)
+    key = "offline-test-key-0123456789"
+    launch = prepare_server(prefix, port=free_port(), environ={"AIRGAP_API_KEY": key, "PATH": os.defpath},
+                            extra_env=worktree_env())
+    server = start_server(launch)
+    try:
+        wait_until(lambda: server.poll() is not None or http_get(launch.base_url + "/health")[0] == 200, 60,
+                   "the server to answer /health")
+        client = openai.OpenAI(base_url=launch.base_url + "/v1", api_key=key, max_retries=0, timeout=60)
+        reply = client.chat.completions.create(
+            model=launch.config.model_ids[0], messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+        )
+        return {"outside": outside, "model": reply.model, "completion_tokens": reply.usage.completion_tokens
+                if reply.usage else 0, "server_alive": server.poll() is None}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(offline_roundtrip(Path(sys.argv[1]))))
