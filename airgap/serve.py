@@ -592,7 +592,7 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     return int(usec) / 2e6
 
 
-async def _serve_until_stopped(app: App, config: ServerConfig) -> int:
+async def _serve_until_stopped(app: App, config: ServerConfig, listener: socket.socket) -> int:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -606,7 +606,7 @@ async def _serve_until_stopped(app: App, config: ServerConfig) -> int:
         app, host=config.host, port=config.port, log_level="info", server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=10,
     ))
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
     if server.started:
@@ -638,13 +638,38 @@ def main() -> int:
         print(f"{SERVER_MODULE}: an API key is required and ${API_KEY_ENV} is empty", file=sys.stderr)
         return 2
     try:
-        app = build_app(config, api_key)
-    except (ValueError, OSError, RuntimeError) as exc:  # llama_cpp's load failures
-        print(f"{SERVER_MODULE}: cannot load the models: {exc}", file=sys.stderr)
+        listener = listen(config.host, config.port)  # before the slow model load: a taken port fails at once
+    except ServeError as exc:
+        print(f"{SERVER_MODULE}: {exc}", file=sys.stderr)
         return 1
-    print(f"airgap: serving {', '.join(config.model_ids)} on {config.host}:{config.port}"
-          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-    return asyncio.run(_serve_until_stopped(app, config))
+    with listener:
+        try:
+            app = build_app(config, api_key)
+        except (ValueError, OSError, RuntimeError) as exc:  # llama_cpp's load failures
+            print(f"{SERVER_MODULE}: cannot load the models: {exc}", file=sys.stderr)
+            return 1
+        print(f"airgap: serving {', '.join(config.model_ids)} on {config.host}:{config.port}"
+              f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+        return asyncio.run(_serve_until_stopped(app, config, listener))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; ServeError naming the address when it cannot be had."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

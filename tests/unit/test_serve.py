@@ -508,3 +508,23 @@ def test_serve_execs_the_server_which_reports_ready_and_feeds_the_watchdog(tmp_p
         while (message := listener.recv(4096)) == b"WATCHDOG=1":
             pass
         assert message == b"STOPPING=1"
+
+
+def test_a_taken_port_fails_at_once_with_a_clear_message(install: support.FakeInstall) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        launch = prepare_server(install.prefix, port=port, environ={"PATH": os.defpath}, host_info=HOST,
+                                extra_env=support.worktree_env())
+        process = start_server(launch, stderr=subprocess.PIPE)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert err.decode().strip() == f"airgap.serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_the_server_module_refuses_to_start_without_its_configuration() -> None:
+    env = {"PATH": os.defpath, **support.worktree_env()}
+    result = subprocess.run([sys.executable, "-m", "airgap.serve"], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and "start the server with `airgap serve`" in result.stderr
