@@ -165,3 +165,14 @@ def require_threshold(
             f"found {len(good)} valid among signatures by [{ids}]"
         )
     return good
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which keys may sign release manifests, and how many distinct ones must."""
+
+    keys: tuple[Ed25519PublicKey, ...]
+    threshold: int = 1
+
+    def check(self, manifest_bytes: bytes, signatures: Sequence[Signature]) -> set[bytes]:
+        return require_threshold(manifest_bytes, signatures, self.keys, self.threshold, "bundle manifest")

@@ -1,0 +1,220 @@
+"""The `airgap` command line: thin wrappers that print one line on error and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+import airgap
+from airgap.errors import AirgapError, KeyFileError
+
+F = TypeVar("F", bound=Callable[..., Any])
+_VERBOSE = {"on": False}
+
+
+class AirgapGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AirgapError as exc:
+            if _VERBOSE["on"]:
+                traceback.print_exc()
+            click.echo(f"airgap: error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("airgap: interrupted; nothing was changed", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=AirgapGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(airgap.__version__, prog_name="airgap")
+@click.option("--verbose", is_flag=True, help="Show the full traceback on errors.")
+def main(verbose: bool) -> None:
+    """Signed, verified, offline bundles of open-weight LLMs, and the server to run them."""
+    _VERBOSE["on"] = verbose
+
+
+def prefix_option(func: F) -> F:
+    return click.option("--prefix", type=click.Path(path_type=Path), default=Path("/opt/airgap"),
+                        show_default=True, help="Installation root on this host.")(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(func)
+
+
+def trust_option(func: F) -> F:
+    return click.option("--trust", "trust_keys", multiple=True, type=click.Path(path_type=Path),
+                        help="Public key (PEM) allowed to sign bundles; repeat for several.")(func)
+
+
+def quiet_option(func: F) -> F:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(func)
+
+
+def _emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str) if as_json else text)
+
+
+def _passphrase(confirm: bool) -> bytes:
+    from airgap.keys import PASSPHRASE_ENV
+
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return env.encode()
+    if not sys.stdin.isatty():
+        raise KeyFileError(f"a passphrase is needed: set {PASSPHRASE_ENV} (no terminal to prompt on)")
+    value: str = click.prompt("Key passphrase", hide_input=True, confirmation_prompt=confirm)
+    return value.encode()
+
+
+# ---------------------------------------------------------------- keys
+
+@main.command()
+@click.argument("stem", type=click.Path(path_type=Path))
+@click.option("--no-passphrase", is_flag=True, help="Write the private key unencrypted.")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keygen(stem: Path, no_passphrase: bool, force: bool) -> None:
+    """Make an Ed25519 signing key: STEM.key (private, 0600) and STEM.pub (public, PEM)."""
+    from airgap.keys import write_keypair
+
+    files = write_keypair(stem, None if no_passphrase else _passphrase(confirm=True), overwrite=force)
+    click.echo(f"wrote {files.private} (private, keep it off the isolated hosts) and {files.public}")
+    click.echo(f"key id {files.keyid}")
+
+
+def _signing_key(path: Path) -> Any:
+    from airgap.keys import key_is_encrypted, read_private_key
+
+    return read_private_key(path, _passphrase(confirm=False) if key_is_encrypted(path) else None)
+
+
+# ---------------------------------------------------------------- build side
+
+@main.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--key", "keys", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Private signing key; repeat to co-sign.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Folder for the bundle.")
+@click.option("--upgrade", is_flag=True, help="Re-resolve Python requirements instead of using the lock file.")
+@click.option("--hub-endpoint", envvar="HF_ENDPOINT", default=None,
+              help="Hugging Face hub (or mirror) URL; default from HF_ENDPOINT or the public hub.")
+@quiet_option
+def build(spec: Path, keys: tuple[Path, ...], out_dir: Path, upgrade: bool, hub_endpoint: str | None,
+          quiet: bool) -> None:
+    """Fetch what SPEC names, pin it and pack one signed bundle. Prints the bundle's path last."""
+    from airgap.build import BuildOptions, build_bundle
+    from airgap.spec import load_spec
+
+    signers = [_signing_key(k) for k in keys]
+    options = BuildOptions(out_dir=out_dir, upgrade=upgrade, progress=not quiet, hub_endpoint=hub_endpoint)
+    click.echo(str(build_bundle(load_spec(spec), signers, options)))
+
+
+# ---------------------------------------------------------------- isolated side
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@json_option
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show what a bundle holds (reads only its head; checks nothing: use verify)."""
+    from airgap.bundle import read_head_from_path
+    from airgap.install import open_bundle
+
+    with open_bundle(bundle):
+        head = read_head_from_path(bundle)
+    manifest = head.manifest
+    data = {"manifest_sha256": head.manifest_sha256, "signatures": [s.keyid for s in head.signatures],
+            **manifest.to_dict()}
+    lines = [f"{manifest.name} {manifest.version}  created {data['created']}  expires {data['expires']}",
+             f"manifest sha256 {head.manifest_sha256}",
+             f"signed by {', '.join(s.keyid[:16] for s in head.signatures) or 'nobody'}"]
+    if manifest.base:
+        lines.append(f"update drop on top of {manifest.base.name} {manifest.base.version}")
+    lines += [f"model {m.id}: {', '.join(m.files)}" for m in manifest.models]
+    lines.append(f"{len(manifest.files)} files, {manifest.total_size} bytes, {len(manifest.packages)} wheels")
+    _emit(as_json, data, "\n".join(lines))
+
+
+def _overrides(allow_downgrade: bool = False, allow_expired: bool = False) -> Any:
+    from airgap.policy import Overrides
+
+    return Overrides(allow_downgrade=allow_downgrade, allow_expired=allow_expired)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@trust_option
+@click.option("--allow-expired", is_flag=True, help="Accept a bundle past its expiry date.")
+@json_option
+@quiet_option
+def verify(bundle: Path, trust_keys: tuple[Path, ...], allow_expired: bool, as_json: bool, quiet: bool) -> None:
+    """Check a bundle's signature and every file's size and SHA-256, reading it once."""
+    from airgap.install import verify_bundle
+    from airgap.keys import trust_from_files
+
+    report = verify_bundle(bundle, trust_from_files(list(trust_keys)),
+                           overrides=_overrides(allow_expired=allow_expired), progress=not quiet and not as_json)
+    _emit(as_json, asdict(report),
+          f"OK {report.name} {report.version}: signature by {', '.join(k[:16] for k in report.signers)}, "
+          f"{report.files} files, {report.bytes} bytes verified")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@trust_option
+@prefix_option
+@click.option("--allow-downgrade", is_flag=True, help="Accept a version lower than one already accepted.")
+@click.option("--allow-expired", is_flag=True, help="Accept a bundle past its expiry date.")
+@quiet_option
+def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_downgrade: bool, allow_expired: bool,
+            quiet: bool) -> None:
+    """Verify BUNDLE while unpacking it, install it under PREFIX and make it active atomically."""
+    from airgap.install import install_bundle
+    from airgap.keys import trust_from_files
+
+    report = install_bundle(bundle, prefix, trust_from_files(list(trust_keys)),
+                            _overrides(allow_downgrade, allow_expired), progress=not quiet)
+    gen = report.generation
+    if report.already_installed:
+        click.echo(f"{gen.name} {gen.version} was already installed; it is active")
+        return
+    click.echo(f"installed {gen.name} {gen.version} under {prefix} ({report.written_bytes} bytes written, "
+               f"{report.reused_bytes} reused); active now")
+
+
+@main.command()
+@prefix_option
+@json_option
+def status(prefix: Path, as_json: bool) -> None:
+    """Show installed versions, which one is active, and its models."""
+    from airgap.install import installed_state
+
+    state = installed_state(prefix)
+    lines = []
+    for gen in state.generations:
+        mark = "*" if gen.id == state.active else " "
+        lines.append(f"{mark} {gen.name} {gen.version}  installed {gen.installed_at}  ({gen.id})")
+        if gen.id == state.active:
+            lines += [f"    model {m.id}: {m.path} ({m.size} bytes)" for m in gen.models]
+    _emit(as_json, asdict(state), "\n".join(lines) or f"nothing installed under {prefix}")
+
+
+@main.command()
+@prefix_option
+@click.option("--to", "to_version", default=None, help="Installed version to return to (default: the previous).")
+def rollback(prefix: Path, to_version: str | None) -> None:
+    """Return to the previously active installed version (one atomic switch)."""
+    from airgap.install import rollback as do_rollback
+
+    old, new = do_rollback(prefix, to_version)
+    click.echo(f"rolled back from {old.name} {old.version} to {new.name} {new.version}")
