@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -56,10 +57,8 @@ def free_bytes(path: Path) -> int:
 
 def drop_cache(fd: int) -> None:
     """Forget the file's clean cached pages, so the next read comes from the device (best effort)."""
-    try:
+    with contextlib.suppress(OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
 
 
 def fsync_dir(path: Path) -> None:

@@ -192,7 +192,8 @@ class _VolumeReader:
             return
         details = "; ".join(f"{self.index.describe(s)}: {r}" for s, r in sorted(self.problems.items()))
         if not recovery:
-            raise VolumeError(details if len(self.problems) == 1 else f"{len(self.problems)} volumes damaged: {details}")
+            count = len(self.problems)
+            raise VolumeError(details if count == 1 else f"{count} volumes damaged: {details}")
         raise VolumeError(f"{len(self.problems)} volumes damaged, the {recovery} recovery volume(s) can rebuild at "
                           f"most {recovery}: {details}")
 
