@@ -90,10 +90,8 @@ def locate_bundle(path: Path) -> Path:
     if path.name.endswith(INDEX_SUFFIX):
         return path
     match = VOLUME_NAME_RE.match(path.name)
-    if match:
-        index = path.with_name(index_name(match.group("bundle")))
-        if index.exists() or not path.exists():
-            return index
+    if match:  # a volume: only its index says what the others are, and reading it alone would be wrong
+        return path.with_name(index_name(match.group("bundle")))
     if path.is_file():
         return path
     beside = path.with_name(index_name(path.name))

@@ -36,6 +36,7 @@ from airgap.volumes.fsutil import (
     max_file_size,
 )
 from airgap.volumes.index import (
+    DEFAULT_INDEX_LIMITS,
     SEGMENT_SIZE,
     VolumeFile,
     VolumeIndex,
@@ -90,9 +91,9 @@ def copy_bundle(
 
     `after_write(path)` runs between a volume's sync and its read-back; tests use it to damage the copy.
     """
-    src = _source(source)
-    if src.path.parent.resolve() == dest_dir.resolve():
+    if locate_bundle(source).parent.resolve() == dest_dir.resolve():
         raise VolumeError(f"source and destination are the same folder: {dest_dir}")
+    src = _source(source)
     dest_dir.mkdir(parents=True, exist_ok=True)
     size = auto_volume_size(dest_dir) if volume_size == "auto" else volume_size
     return _VolumeSetWriter(src, dest_dir, size, parity, segment_size, verify=True, progress=progress,
@@ -115,7 +116,11 @@ class _VolumeSetWriter:
         self.dest = dest
         self.sizes = plan_volume_sizes(source.size, volume_size)
         self.volume_size = self.sizes[0]
-        check_share_count(len(self.sizes), parity)
+        if len(self.sizes) > DEFAULT_INDEX_LIMITS.max_volumes:
+            raise VolumeError(f"{len(self.sizes)} volumes of {volume_size} bytes: at most "
+                              f"{DEFAULT_INDEX_LIMITS.max_volumes} volumes; use larger volumes")
+        if parity:
+            check_share_count(len(self.sizes), parity)
         self.parity = parity
         if segment_size & (segment_size - 1) or segment_size < 4096:
             raise VolumeError(f"segment size must be a power of two of at least 4096, found {segment_size}")
@@ -308,12 +313,13 @@ class _VolumeWriter:
     def feed(self, chunk: bytes) -> None:
         assert self.fd is not None
         self._hash(chunk)
-        fits = self.offset + len(chunk) <= self.existing
-        if self.same and fits and os.pread(self.fd, len(chunk), self.offset) == chunk:
-            self.offset += len(chunk)
-            return
-        self.same = False
         view = memoryview(chunk)
+        if self.same:
+            overlap = max(0, min(len(chunk), self.existing - self.offset))
+            if overlap and os.pread(self.fd, overlap, self.offset) == view[:overlap]:
+                self.offset += overlap
+                view = view[overlap:]
+            self.same = not view
         while view:
             done = os.pwrite(self.fd, view, self.offset)
             view = view[done:]
