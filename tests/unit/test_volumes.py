@@ -25,13 +25,13 @@ from airgap.volumes import (
     auto_volume_size,
     copy_bundle,
     filesystem_type,
+    fsutil,
     open_bundle,
     parse_index,
     parse_size,
     read_index,
     split_bundle,
 )
-from airgap.volumes import fsutil
 from tests.support import REPO
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
@@ -357,10 +357,10 @@ def test_read_back_catches_corruption_between_write_and_read(bundle: Bundle, tmp
 
     with pytest.raises(VolumeError, match=r"^read-back of demo-1.0.airgap.002 from .* differs from what was "
                                           r"written: .*run the same command again"):
-        copy_bundle(bundle.path, tmp_path / "stick", 60_000, progress=False, after_write=damage, segment_size=SEGMENT)
-    report = copy_bundle(bundle.path, tmp_path / "stick", 60_000, progress=False, segment_size=SEGMENT)
+        copy_bundle(bundle.path, stick, 60_000, progress=False, after_write=damage, segment_size=SEGMENT)
+    report = copy_bundle(bundle.path, stick, 60_000, progress=False, segment_size=SEGMENT)
     assert report.unchanged == ("demo-1.0.airgap.001",) and report.written[0] == "demo-1.0.airgap.002"
-    assert read_all(tmp_path / "stick") == bundle.data
+    assert read_all(stick) == bundle.data
 
 
 def test_copy_removes_leftovers_of_an_earlier_cut(bundle: Bundle, tmp_path: Path) -> None:
@@ -385,7 +385,8 @@ def test_copy_from_volumes_and_refusals(bundle: Bundle, tmp_path: Path) -> None:
         copy_bundle(out, tmp_path / "stick2", 50_000, progress=False, segment_size=SEGMENT)
 
 
-def test_copy_refuses_volumes_too_large_for_fat(bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copy_refuses_volumes_too_large_for_fat(bundle: Bundle, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     stick = tmp_path / "stick"
     stick.mkdir()
     mounts = tmp_path / "mounts"
