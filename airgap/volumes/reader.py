@@ -197,18 +197,20 @@ class _VolumeReader:
 
     def check_head(self) -> None:
         """Refuse an index and volumes from different builds with a message that says so."""
-        if self.problems or self.index.recovery:
-            return  # the segment hashes will tell (and parity may repair a damaged head)
         try:
             head, _ = read_head(BundleStream(self._raw_chunks(), self.index.bundle_size, None))
         except (AirgapError, OSError):
             return  # unreadable head: the segment hashes will name the damaged volume
-        if head.manifest_sha256 != self.index.manifest_sha256:
-            raise VolumeError(
-                f"{self.index.index_name} was made for manifest {self.index.manifest_sha256[:16]}... "
-                f"({self.index.bundle_name} {self.index.bundle_version}), volume 1 carries manifest "
-                f"{head.manifest_sha256[:16]}... ({head.manifest.name} {head.manifest.version}): "
-                "the index and the volumes come from different builds")
+        if head.manifest_sha256 == self.index.manifest_sha256:
+            return
+        if self.index.recovery and any(self._read_checked(share, 0)[0] is not None
+                                       for share in range(len(self.index.files)) if share not in self.problems):
+            return  # other volumes of this build are here: volume 1 is damaged, and may be rebuilt
+        raise VolumeError(
+            f"{self.index.index_name} was made for manifest {self.index.manifest_sha256[:16]}... "
+            f"({self.index.bundle_name} {self.index.bundle_version}), volume 1 carries manifest "
+            f"{head.manifest_sha256[:16]}... ({head.manifest.name} {head.manifest.version}): "
+            "the index and the volumes come from different builds")
 
     def _raw_chunks(self) -> Iterator[bytes]:
         for share, entry in enumerate(self.index.volumes):
