@@ -507,3 +507,13 @@ def test_readme_recipe_verifies_by_hand_and_catches_tampering(bundle: Bundle, tm
     done = subprocess.run(["bash", "-e", "-c", script], cwd=work, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode != 0 and "demo-1.0.airgap.003: FAILED" in done.stdout
+
+
+def test_stopping_early_ends_the_read_ahead(bundle: Bundle, tmp_path: Path) -> None:
+    import threading
+
+    out = volumes_dir(bundle, tmp_path, 20_000)
+    with open_bundle(out) as stream:
+        head, _ = read_head(stream)  # `verify` of the head only, then leave
+    assert head.manifest.name == "demo"
+    assert not [t for t in threading.enumerate() if t.name == "airgap-volumes"]
