@@ -3,6 +3,7 @@
     split_bundle(bundle, out_dir, volume_size, parity)   -> VolumeIndex
     copy_bundle(source, dest_dir, volume_size, parity)   -> CopyReport (synced, read back, README.txt)
     open_bundle(path)                                    -> context manager of a BundleStream (.read, .repaired)
+    scan_volumes(path)                                   -> VolumeScan (every volume, recovery ones included)
 """
 
 from airgap.volumes.fsutil import FAT_VOLUME_SIZE, auto_volume_size, filesystem_type
@@ -17,7 +18,7 @@ from airgap.volumes.index import (
     parse_size,
     read_index,
 )
-from airgap.volumes.reader import BundleStream, Repair, locate_bundle, open_bundle
+from airgap.volumes.reader import BundleStream, Repair, VolumeScan, locate_bundle, open_bundle, scan_volumes
 from airgap.volumes.writer import CopyReport, copy_bundle, render_readme, split_bundle
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Repair",
     "VolumeFile",
     "VolumeIndex",
+    "VolumeScan",
     "auto_volume_size",
     "copy_bundle",
     "filesystem_type",
@@ -40,5 +42,6 @@ __all__ = [
     "parse_size",
     "read_index",
     "render_readme",
+    "scan_volumes",
     "split_bundle",
 ]

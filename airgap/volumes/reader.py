@@ -15,7 +15,7 @@ import hashlib
 import os
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +155,49 @@ def open_bundle(path: Path, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Itera
         reader.close()
 
 
+@dataclass(frozen=True)
+class VolumeScan:
+    """Every file of a volume set, recovery volumes included, checked against the index."""
+
+    index: VolumeIndex
+    damaged: tuple[tuple[str, str], ...]  # (which volume, what is wrong), in volume order
+
+    @property
+    def readable(self) -> bool:
+        """Whole, or damaged in no more volumes than the recovery volumes can rebuild."""
+        return len(self.damaged) <= len(self.index.recovery)
+
+
+def scan_volumes(path: Path, progress: Callable[[int], object] | None = None,
+                 limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> VolumeScan:
+    """Read every volume and recovery volume once and report each damaged one (streaming never reads
+    the recovery volumes unless it must, so this is how to know they are still good)."""
+    target = locate_bundle(path)
+    if not target.name.endswith(INDEX_SUFFIX):
+        raise VolumeError(f"{target} is a single bundle file, not a volume set")
+    index = read_index(target, limits)
+    reader = _VolumeReader(target.parent, index, refuse_unrepairable=False)
+    damaged: list[tuple[str, str]] = []
+    try:
+        for share, entry in enumerate(index.files):
+            if share in reader.problems:
+                damaged.append((index.describe(share), reader.problems[share]))
+                continue
+            reasons = []
+            for segment in range(len(entry.segments)):
+                chunks, reason = reader._read_checked(share, segment)
+                if chunks is None:
+                    reasons.append(reason)
+                if progress is not None:
+                    progress(sum(len(c) for c in chunks or ()))
+            if reasons:
+                more = f" (and {len(reasons) - 1} more damaged segment(s))" if len(reasons) > 1 else ""
+                damaged.append((index.describe(share), reasons[0] + more))
+    finally:
+        reader.close()
+    return VolumeScan(index, tuple(damaged))
+
+
 def _file_chunks(handle: BinaryIO) -> Generator[bytes, None, None]:
     yield from iter_chunks(handle)
 
@@ -167,7 +210,7 @@ class _Unreadable(Exception):
 class _VolumeReader:
     """Verified segments of the data volumes, in order, rebuilding damaged ones from recovery volumes."""
 
-    def __init__(self, folder: Path, index: VolumeIndex) -> None:
+    def __init__(self, folder: Path, index: VolumeIndex, refuse_unrepairable: bool = True) -> None:
         self.folder = folder
         self.index = index
         self.code = ParityCode(len(index.volumes), len(index.recovery)) if index.recovery else None
@@ -175,7 +218,8 @@ class _VolumeReader:
         self.bad: set[tuple[int, int]] = set()  # (share, segment) known to be damaged
         self._fds: dict[int, int] = {}
         self.problems = self._survey()
-        self._refuse_unrepairable()
+        if refuse_unrepairable:
+            self._refuse_unrepairable()
 
     # ---------------------------------------------------------------- up front
 

@@ -12,7 +12,7 @@ import pytest
 from airgap.bundle import read_head, read_payload
 from airgap.errors import VolumeError
 from airgap.parity import MAX_SHARES, ParityCode, stripe_size_for
-from airgap.volumes import copy_bundle, open_bundle, read_index, split_bundle
+from airgap.volumes import copy_bundle, open_bundle, read_index, scan_volumes, split_bundle
 from tests.unit.test_volumes import SEGMENT, Bundle, expect_open_error, expect_read_error, flip, make_bundle
 
 VOLUME = 50_000  # a ~300 KB bundle: 7 data volumes of 13 segments each, + 2 recovery volumes
@@ -223,3 +223,22 @@ def test_copy_with_parity_then_lose_two_volumes_on_the_stick(bundle: Bundle, tmp
     fixed = copy_bundle(stick, tmp_path / "stick2", 40_000, parity=2, progress=False, segment_size=SEGMENT)
     assert read_with_repairs(tmp_path / "stick2") == (bundle.data, [])
     assert [v.sha256 for v in fixed.index.files] == [v.sha256 for v in report.index.files]
+
+
+def test_scan_names_every_damaged_file_recovery_volumes_included(pristine: Path, tmp_path: Path) -> None:
+    folder = fresh_copy(pristine, tmp_path)
+    assert scan_volumes(folder).damaged == ()
+    names = share_names(folder)
+    flip(folder / names[8], 5)
+    flip(folder / names[8], 45_000)
+    (folder / names[3]).unlink()
+    scan = scan_volumes(folder / names[0])
+    assert scan.readable
+    assert scan.damaged == (
+        (f"volume 4 of 7 ({names[3]})", f"missing from {folder}"),
+        (f"recovery volume 2 of 2 ({names[8]})", scan.damaged[1][1]),
+    )
+    assert scan.damaged[1][1].startswith("sha256 mismatch in bytes 0-4095: expected ")
+    assert scan.damaged[1][1].endswith("(and 1 more damaged segment(s))")
+    (folder / names[5]).unlink()
+    assert not scan_volumes(folder).readable

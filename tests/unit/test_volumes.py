@@ -517,3 +517,25 @@ def test_stopping_early_ends_the_read_ahead(bundle: Bundle, tmp_path: Path) -> N
         head, _ = read_head(stream)  # `verify` of the head only, then leave
     assert head.manifest.name == "demo"
     assert not [t for t in threading.enumerate() if t.name == "airgap-volumes"]
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+def test_read_back_comes_from_the_device_not_the_page_cache(tmp_path: Path) -> None:
+    if filesystem_type(tmp_path) == "tmpfs":
+        pytest.skip("tmpfs pages are the storage itself")
+    path = tmp_path / "volume"
+    with path.open("wb") as f:
+        f.write(os.urandom(8 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+
+    def resident() -> int:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.strip())
+
+    assert resident() > 0
+    fd = os.open(path, os.O_RDONLY)
+    fsutil.drop_cache(fd)
+    os.close(fd)
+    assert resident() == 0
