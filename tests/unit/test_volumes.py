@@ -502,6 +502,13 @@ def test_readme_recipe_verifies_by_hand_and_catches_tampering(bundle: Bundle, tm
     assert report.index.bundle_sha256 in out and key_id(bundle.key.public_key()) in out
     assert "Signature Verified Successfully" in out
     assert (work / "computed.sums").read_text().count("\n") == 3
+    # the variant for a host with a big disk: extract, decompress, sha256sum -c inside files/
+    extract = report.readme.read_text().split("Where a disk has room", 1)[1].split("3. VOLUMES", 1)[0]
+    lines = [line[4:] for line in extract.splitlines() if line.startswith("    ")]
+    script_big = f"STICK={stick}\n" + "\n".join(lines).replace("/data/", f"{tmp_path}/data/")
+    done = subprocess.run(["bash", "-e", "-c", script_big], cwd=work, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and done.stdout.count(": OK") == 3, done.stdout + done.stderr
     # the same recipe fails on a flipped byte in the model (volume 3 holds part of it)
     flip(stick / "demo-1.0.airgap.003", 500)
     done = subprocess.run(["bash", "-e", "-c", script], cwd=work, capture_output=True, text=True, timeout=120,
