@@ -127,11 +127,11 @@ def build(spec: Path, keys: tuple[Path, ...], out_dir: Path, upgrade: bool, hub_
 @json_option
 def inspect(bundle: Path, as_json: bool) -> None:
     """Show what a bundle holds (reads only its head; checks nothing: use verify)."""
-    from airgap.bundle import read_head_from_path
+    from airgap.bundle import read_head
     from airgap.install import open_bundle
 
-    with open_bundle(bundle):
-        head = read_head_from_path(bundle)
+    with open_bundle(bundle) as stream:
+        head, _ = read_head(stream)
     manifest = head.manifest
     data = {"manifest_sha256": head.manifest_sha256, "signatures": [s.keyid for s in head.signatures],
             **manifest.to_dict()}
@@ -291,3 +291,48 @@ def service(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: in
     use_gpu = bool(probe_host().gpus) if gpu is None else gpu
     click.echo(render_service(prefix, host, port, model, api_key_file,
                               _plan_overrides(n_gpu_layers, n_ctx, threads), use_gpu, user, allow_from), nl=False)
+
+
+# ---------------------------------------------------------------- sneakernet
+
+def _volume_size(text: str | None, allow_auto: bool) -> Any:
+    from airgap.volumes import parse_size
+
+    if text is None:
+        return "auto" if allow_auto else None
+    if allow_auto and text == "auto":
+        return "auto"
+    return parse_size(text)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--volume-size", default=None, help="Largest volume, e.g. 3.9G (K/M/G/T: powers of 1024).")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for the volumes (default: beside the bundle).")
+@click.option("--parity", type=int, default=0, show_default=True,
+              help="Recovery volumes to add: any this many lost or damaged volumes can be rebuilt.")
+@quiet_option
+def split(bundle: Path, volume_size: str | None, out_dir: Path | None, parity: int, quiet: bool) -> None:
+    """Cut a bundle into volumes for USB sticks, with an index bound to its signed manifest."""
+    from airgap.volumes import split_bundle
+
+    out = out_dir or bundle.parent
+    index = split_bundle(bundle, out, _volume_size(volume_size, False), parity, progress=not quiet)
+    click.echo(f"{len(index.volumes)} volume(s) and {len(index.recovery)} recovery volume(s) in {out}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--volume-size", default=None,
+              help="Largest volume, or 'auto' (default): under 4 GiB on FAT32, else one volume.")
+@click.option("--parity", type=int, default=0, show_default=True, help="Recovery volumes to add.")
+@quiet_option
+def copy(source: Path, dest: Path, volume_size: str | None, parity: int, quiet: bool) -> None:
+    """Copy a bundle to a stick: free space checked, fsync, read back from the device, resumable."""
+    from airgap.volumes import copy_bundle
+
+    report = copy_bundle(source, dest, _volume_size(volume_size, True), parity, progress=not quiet)
+    click.echo(f"copied to {report.dest_dir}: {len(report.written)} volume(s) written, "
+               f"{len(report.unchanged)} already correct, all read back and verified; operator sheet {report.readme}")

@@ -62,14 +62,12 @@ class InstallReport:
 
 @contextlib.contextmanager
 def open_bundle(path: Path) -> Iterator[Readable]:
-    """A readable stream over a bundle file."""
-    try:
-        with path.open("rb") as stream:
-            yield stream
-    except FileNotFoundError:
-        raise AirgapError(f"bundle not found: {path}") from None
-    except IsADirectoryError:
-        raise AirgapError(f"expected a bundle file, found a folder: {path}") from None
+    """A readable stream over a bundle: one file, or its USB volumes read in order (repaired from
+    recovery volumes where needed) without joining them first."""
+    from airgap.volumes import open_bundle as open_volumes
+
+    with open_volumes(path) as stream:
+        yield stream
 
 
 def _authenticate(head: Head, trust: TrustPolicy) -> tuple[str, ...]:

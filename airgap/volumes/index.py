@@ -17,7 +17,7 @@ from typing import Any
 
 from airgap.errors import FormatError, VolumeError
 from airgap.hashing import digest_bytes
-from airgap.manifest import _Doc  # one typed JSON accessor for all hostile documents
+from airgap.manifest import JsonObject
 
 INDEX_TYPE = "airgap/volumes"
 INDEX_FORMAT = 1
@@ -209,7 +209,7 @@ def parse_index(data: bytes, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volu
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"volume index is not valid JSON: {str(exc)[:120]}") from None
-    doc = _Doc(raw, "volume index")
+    doc = JsonObject(raw, "volume index")
     if raw.get("_type") != INDEX_TYPE:
         raise FormatError(f"not an airgap volume index: expected _type {INDEX_TYPE!r}, found {raw.get('_type')!r}")
     if doc.num("format") != INDEX_FORMAT:
@@ -218,7 +218,7 @@ def parse_index(data: bytes, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volu
     checksum = doc.text("checksum")
     if checksum != _checksum({k: v for k, v in raw.items() if k != "checksum"}):
         raise FormatError("volume index is damaged: its checksum does not match its content")
-    bundle = _Doc(doc.obj("bundle"), "volume index bundle")
+    bundle = JsonObject(doc.obj("bundle"), "volume index bundle")
     bundle_file = check_bundle_file(bundle.text("file"))
     bundle_size = bundle.num("size")
     if not 0 < bundle_size <= limits.max_bundle_size:
@@ -258,7 +258,7 @@ def _parse_recovery(
 ) -> tuple[tuple[VolumeFile, ...], int]:
     if raw is None:
         return (), 0
-    doc = _Doc(raw, "volume index recovery")
+    doc = JsonObject(raw, "volume index recovery")
     if doc.text("scheme") != "zfec":
         raise FormatError(f"volume index: unknown recovery scheme, expected 'zfec', found {doc.text('scheme')!r}")
     stripe = doc.num("stripe_size")
@@ -283,7 +283,7 @@ class _SegmentBudget:
 
 
 def _parse_file(raw: object, name: str, size: int, segment_size: int, budget: _SegmentBudget) -> VolumeFile:
-    doc = _Doc(raw, f"volume {name}")
+    doc = JsonObject(raw, f"volume {name}")
     if doc.text("name") != name:
         raise FormatError(f"volume index: expected volume name {name!r}, found {doc.text('name')[:100]!r}")
     if doc.num("size") != size:
