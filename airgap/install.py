@@ -55,6 +55,7 @@ from airgap.state import (
     remove_roots_above,
     save_state,
     swap_symlink,
+    sync_filesystem,
     write_root,
 )
 from airgap.trust import TrustPolicy
@@ -331,7 +332,7 @@ def _assemble(
             _link(gen_dir / entry.path, store / entry.sha256)
     (gen_dir / "manifest.json").write_bytes(head.manifest_bytes)
     _install_wheels(gen_dir, staging, manifest, store, python)
-    _fsync_tree(gen_dir)
+    sync_filesystem(gen_dir)  # links, manifest and venv are durable before state.json calls them ready
     models = tuple(InstalledModel(m.id, f, manifest.file(f).size, manifest.file(f).sha256)
                    for m in manifest.models for f in m.files)
     return Generation(
@@ -341,15 +342,6 @@ def _assemble(
     )
 
 
-def _fsync_tree(root: Path) -> None:
-    """Links and manifest are durable before state.json says the version is complete."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = Path(folder) / name
-            if not path.is_symlink():
-                with path.open("rb") as handle:
-                    os.fsync(handle.fileno())
-        fsync_dir(Path(folder))
 def _link(link: Path, target: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(os.path.relpath(target, link.parent))

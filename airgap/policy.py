@@ -103,7 +103,7 @@ def check_root_fresh(version: int, expires: datetime, now: datetime, overrides: 
     return ["allow-expired-root"]
 
 
-def check_base(manifest: Manifest, installed: Iterable[BaseRef]) -> None:
+def check_base(manifest: Manifest, installed_bases: Iterable[BaseRef]) -> None:
     """An update drop applies only on top of the exact version it names (name, version, manifest hash)."""
     base = manifest.base
     if base is None:
@@ -112,11 +112,19 @@ def check_base(manifest: Manifest, installed: Iterable[BaseRef]) -> None:
             raise FormatError(f"bundle {manifest.name} {manifest.version} leaves out {len(absent)} file(s), first "
                               f"{absent[0]!r}, but names no base version to take them from")
         return
-    if base not in set(installed):
+    installed = set(installed_bases)
+    if base in installed:
+        return
+    other = sorted(i.manifest_sha256[:16] for i in installed if (i.name, i.version) == (base.name, base.version))
+    if other:
         raise PolicyError(
-            f"this update drop applies on top of {base.name} {base.version} (manifest {base.manifest_sha256[:16]}), "
-            f"which is not installed here; install {base.name} {base.version} first, or a full bundle of "
-            f"{manifest.name} {manifest.version}")
+            f"this update drop applies on top of {base.name} {base.version} built as manifest "
+            f"{base.manifest_sha256[:16]}, but this host installed {base.version} from another build (manifest "
+            f"{other[0]}); install a full bundle of {manifest.name} {manifest.version} or a drop built on that one")
+    raise PolicyError(
+        f"this update drop applies on top of {base.name} {base.version} (manifest {base.manifest_sha256[:16]}), "
+        f"which is not installed here; install {base.name} {base.version} first, or a full bundle of "
+        f"{manifest.name} {manifest.version}")
 
 
 def advance(accepted: Acceptance, manifest: Manifest, manifest_sha256: str) -> Acceptance:

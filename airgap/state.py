@@ -9,6 +9,8 @@ Trusted roots lie in `PREFIX/trust/root.N.json`; only the version `state.json` n
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import json
 import os
@@ -209,6 +211,28 @@ def remove_roots_above(prefix: Path, version: int | None) -> None:
         number = path.name.removeprefix("root.").removesuffix(".json")
         if number.isdigit() and (version is None or int(number) > version):
             path.unlink()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush everything written on `path`'s file system (syncfs, as OSTree does before it switches):
+    one call instead of an fsync per file of a freshly built virtualenv."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is None or _LIBC.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc if hasattr(libc, "syncfs") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def fsync_dir(path: Path) -> None:
