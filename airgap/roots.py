@@ -218,13 +218,11 @@ def walk_chain(trusted: Root, candidates: Mapping[int, bytes], limits: Limits = 
     Versions up to the trusted one are ignored: an old root replayed changes nothing. A gap or a
     version beyond the cap is refused, so a bundle cannot make the host skip a rotation.
     """
-    if len(candidates) > limits.max_root_chain:
+    if len(candidates) > limits.max_root_chain:  # each step takes one candidate: this caps the steps too
         raise TrustError(f"bundle carries {len(candidates)} root files, limit {limits.max_root_chain}")
     walked: list[Root] = []
     current = trusted
     while current.version + 1 in candidates:
-        if len(walked) == limits.max_root_chain:
-            raise TrustError(f"root chain longer than {limits.max_root_chain} steps from version {trusted.version}")
         candidate = parse_root(candidates[current.version + 1], limits, f"root file {current.version + 1}")
         check_successor(current, candidate)
         walked.append(candidate)
