@@ -68,10 +68,12 @@ def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: Buil
         models, model_files = _collect_models(spec, options)
         wheels = _collect_wheels(spec, options, work / "wheels")
         bootstrap = _bootstrap_requirements(spec, wheels, work)
+        # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
+        raw_paths = {bootstrap[1].path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap[2])}
         packed = work / "packed"
         packed.mkdir()
-        payload = [prepare_entry(path, entry, packed) for path, entry in [*model_files, *wheels_payload(wheels),
-                                                                           bootstrap]]
+        payload = [prepare_entry(path, entry, packed, compress=entry.path not in raw_paths)
+                   for path, entry in [*model_files, *wheels_payload(wheels), bootstrap[:2]]]
         draft = Manifest(
             name=spec.name, version=spec.version, created=created,
             expires=created + timedelta(days=options.expires_days or spec.expires_days),
@@ -163,7 +165,7 @@ def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:
 
 def _bootstrap_requirements(
     spec: Spec, wheels: list[ResolvedWheel], work: Path
-) -> tuple[Path, FileEntry]:
+) -> tuple[Path, FileEntry, set[str]]:
     """Pinned, hashed requirements for airgap alone, so an operator can install the tool with plain pip."""
     needed = resolve_wheels(
         runtime_requirements(), dest=work / "bootstrap", find_links=[wheels[0].path.parent], no_index=True,
@@ -173,5 +175,5 @@ def _bootstrap_requirements(
     lines = [f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in wheels if w.name in names]
     path = work / BOOTSTRAP_REQUIREMENTS
     path.write_text("".join(lines))
-    return path, FileEntry(path=BOOTSTRAP_REQUIREMENTS, size=0, sha256="0" * 64, kind="meta",
-                           source={"type": "generated"})
+    entry = FileEntry(path=BOOTSTRAP_REQUIREMENTS, size=0, sha256="0" * 64, kind="meta", source={"type": "generated"})
+    return path, entry, names

@@ -97,6 +97,8 @@ class _TarStream:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
             except tarfile.HeaderError as exc:
                 raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: {exc}") from None
+            if block[154:156] != b"\0 ":  # tar ignores this byte; we accept only the canonical form
+                raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: non-canonical checksum field")
             if info.type == tarfile.XHDTYPE:
                 pax = self._read_pax(info.size)
                 continue
@@ -141,7 +143,8 @@ class _TarStream:
         if got < size:
             raise IntegrityError(f"bundle truncated: member {name!r} expected {size} bytes, found {got}")
         self.offset += size
-        self.read_exact(_padding(size), f"padding of {name}")
+        if self.read_exact(_padding(size), f"padding of {name}").strip(b"\0"):
+            raise FormatError(f"non-zero padding after member {name!r} at offset {self.offset}")
 
     def read_member(self, name: str, size: int) -> bytes:
         return b"".join(self.member_chunks(size, name))
@@ -310,10 +313,10 @@ def member_bytes(name: str, data: bytes, mtime: int) -> bytes:
     return _member_header(name, len(data), mtime) + data + bytes(_padding(len(data)))
 
 
-def prepare_entry(path: Path, entry: FileEntry, workdir: Path) -> PayloadFile:
+def prepare_entry(path: Path, entry: FileEntry, workdir: Path, compress: bool = True) -> PayloadFile:
     """Compress a compressible file into `workdir` if that saves enough; hash only if it was read anyway."""
     size = path.stat().st_size
-    if entry.kind == "model" or size == 0:
+    if entry.kind == "model" or size == 0 or not compress:
         return PayloadFile(path, replace(entry, size=size, storage="raw", stored_size=size,
                                          sha256=_PLACEHOLDER_SHA256))
     packed = workdir / f"{len(list(workdir.iterdir()))}.zst"

@@ -210,7 +210,8 @@ def install_bundle(
                                     state.installed_versions(manifest.name))
             gen_id = generation_id(manifest, manifest_sha)
             existing = state.generation(gen_id)
-            if existing is not None:
+            if existing is not None:  # still read it all: a damaged copy is reported, not silently ignored
+                read_payload(tar, manifest)
                 return _reactivate(prefix, state, existing)
             check_base(manifest, state.installed_bases())
             _check_store(prefix, manifest)

@@ -1,0 +1,53 @@
+"""Shared test helpers: run the real CLI (optionally with no network), make keys, specs and bundles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WHEELHOUSE_REQUIREMENTS = ["click", "jinja2", "markupsafe", "cryptography", "cffi", "pycparser", "zstandard",
+                           "packaging", "tqdm"]
+
+
+def offline(command: list[str]) -> list[str]:
+    """Run `command` in a fresh network namespace whose only interface is loopback."""
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_line(self) -> str:
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+
+def airgap(*args: str | Path, no_network: bool = False, env: dict[str, str] | None = None,
+           cwd: Path | None = None, timeout: float = 600) -> Result:
+    command = [sys.executable, "-m", "airgap", *map(str, args)]
+    if no_network:
+        command = offline(command)
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+                          check=False)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def write_spec(folder: Path, *, name: str = "tiny-chat", version: str = "1.0.0", model: Path,
+               wheelhouse: Path, requirements: tuple[str, ...] = (), extra: str = "") -> Path:
+    spec = folder / f"{name}-{version}.toml"
+    reqs = ", ".join(f'"{r}"' for r in requirements)
+    spec.write_text(
+        f'[bundle]\nname = "{name}"\nversion = "{version}"\n{extra}\n'
+        f'[[models]]\nid = "tiny"\npath = "{model}"\n\n'
+        f'[python]\nrequirements = [{reqs}]\nfind_links = ["{wheelhouse}"]\n'
+    )
+    return spec
