@@ -158,10 +158,12 @@ def trust() -> None:
               help="Root version; a rotation is the trusted version plus one.")
 @click.option("--root-key", "root_keys", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Public key allowed to sign root files; repeat.")
-@click.option("--root-threshold", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--root-threshold", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many distinct root keys must sign the next root version.")
 @click.option("--release-key", "release_keys", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Public key allowed to sign bundles; repeat.")
-@click.option("--release-threshold", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--release-threshold", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many distinct release keys must sign each bundle (2: the two-person rule).")
 @click.option("--expires-days", type=click.IntRange(min=1), default=None, help="Default: 1095 (three years).")
 @click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path),
               help="Private root key (of this version, or of the previous one) to sign with now; repeat.")

@@ -106,8 +106,8 @@ def pinned_root(prefix: Path, state: State | None = None) -> Root:
     prefix = prefix.absolute()
     state = state if state is not None else load_state(prefix)
     if state.trusted_root is None:
-        raise TrustError(f"no trusted root pinned under {prefix}: run `airgap trust init ROOT.json --prefix "
-                         f"{prefix}` once, or pass --trust PUBLIC_KEY.pub")
+        raise TrustError(f"no trusted key given and no root pinned under {prefix}: pass --trust PUBLIC_KEY.pub, "
+                         f"or pin a root once with `airgap trust init ROOT.json --prefix {prefix}`")
     root = parse_root(read_root(prefix, state.trusted_root))
     if root.version != state.trusted_root:
         raise TrustError(f"{prefix}/trust/root.{state.trusted_root}.json holds root version {root.version}")
@@ -210,8 +210,10 @@ def install_bundle(
                                     state.installed_versions(manifest.name))
             gen_id = generation_id(manifest, manifest_sha)
             existing = state.generation(gen_id)
-            if existing is not None:  # still read it all: a damaged copy is reported, not silently ignored
-                read_payload(tar, manifest)
+            if existing is not None:  # still read it all: a damaged or forged copy is reported, not ignored
+                gate = TrustGate(head, anchor, now, overrides)
+                read_payload(tar, manifest, gate.open_sink)
+                gate.finish()
                 return _reactivate(prefix, state, existing)
             check_base(manifest, state.installed_bases())
             _check_store(prefix, manifest)

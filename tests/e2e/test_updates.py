@@ -392,7 +392,8 @@ def test_single_key_trust_still_works(tmp_path: Path) -> None:
 
 def test_no_trust_configured_is_refused_with_a_way_out(tmp_path: Path) -> None:
     path = make_bundle(tmp_path, "1.0.0", files("1.0.0"), [new_key()])
-    with pytest.raises(TrustError, match=r"airgap trust init ROOT.json --prefix .*or pass --trust"):
+    with pytest.raises(TrustError, match=r"no trusted key given and no root pinned under .*: pass --trust "
+                                         r".*airgap trust init ROOT.json"):
         install(path, tmp_path / "host")
     assert not (tmp_path / "host" / "state.json").exists()
 
