@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from airgap.bundle import Head, Sink, read_head, read_payload
 from airgap.errors import AirgapError, InstallError, PolicyError, TrustError
-from airgap.gate import Anchor, TrustGate
+from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
 from airgap.hashing import Readable
 from airgap.manifest import FileEntry, Manifest, format_time
 from airgap.policy import (
@@ -220,9 +220,8 @@ def install_bundle(
             _check_space(prefix, manifest)
             staging = prefix / "staging" / gen_id
             try:
-                gate = TrustGate(head, anchor, now, overrides)
-                written = _stage(tar, manifest, prefix, staging, gate, progress)
-                auth = gate.finish()
+                written, auth = _stage(tar, head, lambda inner: TrustGate(head, anchor, now, overrides, inner),
+                                       prefix, staging, progress)
                 reached("staged")
                 _store(prefix, staging)
                 reached("stored")
@@ -292,7 +291,10 @@ def _check_space(prefix: Path, manifest: Manifest) -> None:
                            f"found {free >> 20} MiB; nothing was changed")
 
 
-def _stage(tar: object, manifest: Manifest, prefix: Path, staging: Path, gate: TrustGate, progress: bool) -> int:
+def _stage(tar: object, head: Head, gate_for: Callable[[SinkFactory], TrustGate], prefix: Path, staging: Path,
+           progress: bool) -> tuple[int, Authenticated]:
+    """Verify the payload into staging; the gate authenticates before the first file is written."""
+    manifest = head.manifest
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     written = 0
@@ -304,11 +306,11 @@ def _stage(tar: object, manifest: Manifest, prefix: Path, staging: Path, gate: T
         written += entry.size
         return _StagingSink(staging / entry.sha256)
 
-    gate.inner = open_sink
+    gate = gate_for(open_sink)
     stored = sum(e.stored_size for e in manifest.carried_files)
     with byte_progress(stored, "verifying and unpacking", progress) as advance_bar:
         read_payload(tar, manifest, gate.open_sink, advance_bar)  # type: ignore[arg-type]
-    return written
+    return written, gate.finish()
 
 
 def _store(prefix: Path, staging: Path) -> None:

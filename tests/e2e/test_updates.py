@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from airgap.install import rollback, trust_init
 from airgap.manifest import BaseRef
 from airgap.policy import Overrides
 from airgap.roots import Root
-from airgap.trust import SIGNATURES_BLOCK_SIZE, encode_signatures, sign
+from airgap.trust import SIGNATURES_BLOCK_SIZE, encode_signatures, key_id, public_pem, sign
 from airgap.updates import cosign_bundle
 from tests.e2e.update_support import (
     REPO,
@@ -411,6 +413,32 @@ def test_a_bundle_without_a_base_may_not_leave_files_out(world: World) -> None:
     write_drop(cheat, replace(manifest, files=()), [], [replace(entry, storage="absent", stored_size=0)],
                lambda data: [sign(data, world.a)])
     refused(world, cheat, FormatError, "names no base version")
+
+
+# ---------------------------------------------------------------- by hand, with standard tools
+
+@pytest.mark.skipif(not all(map(shutil.which, ("jq", "openssl", "zstd"))), reason="needs jq, openssl and zstd")
+def test_root_and_drop_verified_by_hand_with_the_documented_recipes(world: World, tmp_path: Path) -> None:
+    from tests.unit.test_roots import root_recipe
+
+    drop = bundle(world, "1.1.0", base=bundle(world, "1.0.0"))
+    pub = tmp_path / "root.pub"
+    pub.write_bytes(public_pem(world.root_key.public_key()))  # type: ignore[attr-defined]
+    root_file = tmp_path / "root.1.json"
+    root_file.write_bytes(world.root.to_bytes())
+    env = {"PATH": "/usr/bin:/bin", "ROOT": str(root_file), "KEYS": str(pub), "WORK": str(tmp_path / "root")}
+    checked = subprocess.run(["bash", "-c", root_recipe()], env=env, capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    release_pub = tmp_path / "root" / f"release-{key_id(world.a.public_key())}.pub"  # type: ignore[attr-defined]
+    assert release_pub.exists()
+
+    security = (REPO / "SECURITY.md").read_text()
+    recipe = re.search(r"<!-- recipe:verify -->\n```sh\n(.*?)```", security, re.S)
+    assert recipe is not None
+    env = {"PATH": "/usr/bin:/bin", "BUNDLE": str(drop), "PUB": str(release_pub), "WORK": str(tmp_path / "b")}
+    done = subprocess.run(["bash", "-c", recipe.group(1)], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("bundle verified by hand")
 
 
 # ---------------------------------------------------------------- crash safety
