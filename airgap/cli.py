@@ -314,3 +314,76 @@ def rollback(prefix: Path, to_version: str | None) -> None:
 
     old, new = do_rollback(prefix, to_version)
     click.echo(f"rolled back from {old.name} {old.version} to {new.name} {new.version}")
+
+
+# ---------------------------------------------------------------- serving
+
+def plan_options(func: F) -> F:
+    for option in reversed([
+        click.option("--model", default=None, help="Model id from the bundle (default: every model)."),
+        click.option("--n-gpu-layers", type=int, default=None, help="Layers to offload to the GPU (-1: all)."),
+        click.option("--n-ctx", type=int, default=None, help="Context length in tokens."),
+        click.option("--threads", type=int, default=None, help="CPU threads for generation."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | None) -> Any:
+    from airgap.plan import Overrides
+
+    return Overrides(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads)
+
+
+@main.command()
+@prefix_option
+@plan_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback requires an API key.")
+@click.option("--port", type=int, default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+              help="File holding the API key clients must send (or set AIRGAP_API_KEY).")
+def serve(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
+          host: str, port: int, api_key_file: Path | None) -> None:
+    """Serve the active version's models over an OpenAI-compatible API (llama.cpp)."""
+    from airgap.serve import serve as run_server
+
+    run_server(prefix, model, host, port, api_key_file, _plan_overrides(n_gpu_layers, n_ctx, threads),
+               log=sys.stderr)
+
+
+@main.command()
+@prefix_option
+@plan_options
+@json_option
+def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
+         as_json: bool) -> None:
+    """Show what serve will do on this host (GPU layers, context, threads) and why."""
+    from airgap.host import probe_host
+    from airgap.serve import plan_for, plans_json
+
+    host = probe_host()
+    plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads), host)
+    click.echo(plans_json(plans, host) if as_json else "\n\n".join(p.explain() for p in plans))
+
+
+@main.command()
+@prefix_option
+@plan_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the service binds.")
+@click.option("--port", type=int, default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+              help="Absolute path of the API key file, loaded as a systemd credential.")
+@click.option("--gpu/--no-gpu", default=None, help="Allow NVIDIA devices (default: if this host has a GPU).")
+@click.option("--user", default=None, help="Run as this user instead of a dynamic one.")
+@click.option("--allow-from", multiple=True, help="Network (CIDR) allowed to connect; repeat for several.")
+def service(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
+            host: str, port: int, api_key_file: Path | None, gpu: bool | None, user: str | None,
+            allow_from: tuple[str, ...]) -> None:
+    """Print a hardened systemd unit that runs `airgap serve` for PREFIX."""
+    from airgap.host import probe_host
+    from airgap.serve import render_service
+
+    use_gpu = bool(probe_host().gpus) if gpu is None else gpu
+    click.echo(render_service(prefix, host, port, model, api_key_file,
+                              _plan_overrides(n_gpu_layers, n_ctx, threads), use_gpu, user, allow_from), nl=False)
