@@ -228,6 +228,12 @@ def inspect(bundle: Path, as_json: bool) -> None:
     _emit(as_json, data, "\n".join(lines))
 
 
+def _echo_repairs(repairs: tuple[str, ...], as_json: bool) -> None:
+    if not as_json:
+        for repair in repairs:
+            click.echo(f"repaired {repair}")
+
+
 def _overrides(allow_downgrade: bool = False, allow_expired: bool = False) -> Any:
     from airgap.policy import Overrides
 
@@ -257,6 +263,7 @@ def verify(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_expir
 
     report = verify_bundle(bundle, _anchor(trust_keys, prefix),
                            overrides=_overrides(allow_expired=allow_expired), progress=not quiet and not as_json)
+    _echo_repairs(report.repairs, as_json)
     _emit(as_json, asdict(report),
           f"OK {report.name} {report.version}: signature by {', '.join(k[:16] for k in report.signers)}, "
           f"{report.files} files, {report.bytes} bytes verified"
@@ -281,6 +288,7 @@ def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_down
     trust = trust_from_files(list(trust_keys)) if trust_keys else None
     report = install_bundle(bundle, prefix, trust, _overrides(allow_downgrade, allow_expired), progress=not quiet)
     gen = report.generation
+    _echo_repairs(report.repairs, False)
     if report.already_installed:
         click.echo(f"{gen.name} {gen.version} was already installed; it is active")
         return

@@ -27,7 +27,6 @@ from typing import BinaryIO
 from airgap.bundle import Head, Sink, read_head, read_payload
 from airgap.errors import AirgapError, InstallError, PolicyError, TrustError
 from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
-from airgap.hashing import Readable
 from airgap.manifest import FileEntry, Manifest, format_time
 from airgap.policy import (
     NO_OVERRIDES,
@@ -59,6 +58,8 @@ from airgap.state import (
     write_root,
 )
 from airgap.trust import TrustPolicy
+from airgap.volumes import BundleStream
+from airgap.volumes import open_bundle as open_volumes
 
 VENV_EXPANSION = 4  # installed wheels take roughly this many times their compressed size
 
@@ -74,6 +75,7 @@ class VerifyReport:
     expires: str
     base: str | None = None  # "name version" of the version an update drop applies on top of
     root_version: int | None = None  # the newest root the bundle's chain reached, when trust is a root
+    repairs: tuple[str, ...] = ()  # volumes rebuilt from recovery volumes on the way
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class InstallReport:
     written_bytes: int
     reused_bytes: int
     already_installed: bool = False
+    repairs: tuple[str, ...] = ()
 
 
 def reached(step: str) -> None:
@@ -90,11 +93,9 @@ def reached(step: str) -> None:
 
 
 @contextlib.contextmanager
-def open_bundle(path: Path) -> Iterator[Readable]:
+def open_bundle(path: Path) -> Iterator[BundleStream]:
     """A readable stream over a bundle: one file, or its USB volumes read in order (repaired from
     recovery volumes where needed) without joining them first."""
-    from airgap.volumes import open_bundle as open_volumes
-
     with open_volumes(path) as stream:
         yield stream
 
@@ -129,12 +130,13 @@ def verify_bundle(
             read_payload(tar, manifest, gate.open_sink, advance_bar)
         auth = gate.finish()
         check_acceptance(manifest, head.manifest_sha256, Acceptance(), now, overrides)
+        repairs = tuple(str(r) for r in stream.repaired)
     base = manifest.base
     return VerifyReport(
         name=manifest.name, version=manifest.version, manifest_sha256=head.manifest_sha256,
         files=len(manifest.carried_files), bytes=sum(e.size for e in manifest.carried_files), signers=auth.signers,
         expires=format_time(manifest.expires), base=f"{base.name} {base.version}" if base else None,
-        root_version=auth.root_version or (trust.version if isinstance(trust, Root) else None),
+        root_version=auth.root_version or (trust.version if isinstance(trust, Root) else None), repairs=repairs,
     )
 
 
@@ -212,7 +214,7 @@ def install_bundle(
                 gate = TrustGate(head, anchor, now, overrides)
                 read_payload(tar, manifest, gate.open_sink)
                 gate.finish()
-                return _reactivate(prefix, state, existing)
+                return replace(_reactivate(prefix, state, existing), repairs=tuple(str(r) for r in stream.repaired))
             check_base(manifest, state.installed_bases())
             _check_store(prefix, manifest)
             _check_space(prefix, manifest)
@@ -240,10 +242,11 @@ def install_bundle(
             except BaseException:
                 _discard(prefix, gen_id)
                 raise
+            repairs = tuple(str(r) for r in stream.repaired)
         previous = state.active
         _finish(prefix, state)
         shutil.rmtree(prefix / "staging", ignore_errors=True)
-    return InstallReport(generation, previous, written, manifest.total_size - written)
+    return InstallReport(generation, previous, written, manifest.total_size - written, repairs=repairs)
 
 
 def _finish(prefix: Path, state: State) -> State:

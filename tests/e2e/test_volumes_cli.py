@@ -21,6 +21,7 @@ def test_copy_then_install_from_volumes_offline(built: Built, tmp_path: Path) ->
     result = airgap("install", volumes[0], "--trust", built.keys.public, "--prefix", tmp_path / "p", "-q",
                     no_network=True)
     assert result.code == 0, result.stderr
+    assert "repaired volume 2 of" in result.stdout
     assert (tmp_path / "p" / "current" / "models" / "tiny").is_dir()
 
 
