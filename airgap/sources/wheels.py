@@ -389,7 +389,7 @@ def pip_failure(stderr: str) -> str:
 
 
 def _hash_mismatch(stderr: str) -> str:
-    match = re.search(r"^\s*(\S+) from (\S+?)(?::|\s).*?Expected sha256 (\w+)\s+Got\s+(\w+)", stderr, re.S | re.M)
+    match = re.search(r"^\s*(\S+) from (\S+?):?\s.*?Expected sha256 (\w+)\s+Got\s+(\w+)", stderr, re.S | re.M)
     if match is None:
         return stderr.strip().splitlines()[-1].strip()
     name, url, expected, got = match.groups()
