@@ -26,10 +26,19 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from airgap.errors import ResolveError
 from airgap.hashing import digest_file
 
-# Portable x86-64/arm64 code: the wheel must run on the target, whose CPU is not the builder's.
-# GGML_BACKEND_DL/GGML_CPU_ALL_VARIANTS would select CPU code at run time, but llama-cpp-python 0.3.36 neither
-# installs the variant libraries next to libllama nor looks for them there, so the model would not load.
+# No -march=native: the wheel must run on the target, whose CPU is not the builder's. On x86-64 ggml then still
+# enables SSE4.2/AVX/AVX2/FMA/F16C/BMI2, so targets need an x86-64-v3 CPU (Haswell, Zen or later).
+# GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS would pick CPU code at run time, but llama-cpp-python 0.3.36 packs the
+# variant libraries into the wheel's top-level bin/ and ggml looks for them only beside the executable and in the
+# working directory, so the model does not load (measured: 14 min build here, "Failed to load model").
 LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF"
+
+# Caller environment that would change what the compiler produces without showing in the cache key. Dropped, so
+# that only `flags` shape a build (SOURCE_DATE_EPOCH, for one, silently turns ggml's AVX defaults off).
+_BUILD_ENV_DROPPED = frozenset(
+    {"CMAKE_ARGS", "SKBUILD_CMAKE_ARGS", "SKBUILD_CMAKE_DEFINE", "FORCE_CMAKE", "SOURCE_DATE_EPOCH", "CFLAGS",
+     "CXXFLAGS", "CPPFLAGS", "LDFLAGS", "CC", "CXX"}
+)  # fmt: skip
 
 BUILD_RECORD = "build.json"
 
@@ -129,7 +138,8 @@ def build_wheel(
             shown = " ".join(f"{k}={v}" for k, v in flags.items()) or "default flags"
             print(f"building {project} {version} from source with {shown}, once per cache key", file=sys.stderr)
         started = time.monotonic()
-        _compile(sdist, entry, pip_options, {**(env or os.environ), **flags}, progress)
+        clean = {k: v for k, v in (env or os.environ).items() if k not in _BUILD_ENV_DROPPED}
+        _compile(sdist, entry, pip_options, {**clean, **flags}, progress)
         seconds = time.monotonic() - started
         wheel = _single_wheel(entry, project, version)
         digest = digest_file(wheel)

@@ -296,7 +296,7 @@ class Pip:
     def report_sdist(self, requirement: str, work: Path) -> Pin:
         """The source distribution pip would pick for `requirement` on this builder."""
         name = re.split(r"[\s\[<>=!~;@(]", requirement.strip(), maxsplit=1)[0]
-        pins = self._report(["--no-deps", "--no-binary", name, "--prefer-binary", requirement], work)
+        pins = self._report(["--no-deps", "--no-binary", name, requirement], work)
         if len(pins) != 1 or pins[0].is_wheel:
             raise ResolveError(f"expected one source distribution for {requirement}, pip chose {pins}")
         return pins[0]
@@ -423,6 +423,11 @@ def _place(pin: Pin, downloaded: Path, dest: Path, source: Mapping[str, str]) ->
 
 
 # --- lock file -------------------------------------------------------------------------------------------------
+
+
+def lock_path_for(spec: Path) -> Path:
+    """Where the lock of a spec lies: beside it, `<spec>.lock`."""
+    return spec.with_name(spec.name + ".lock")
 
 
 def read_lock(path: Path) -> Lock:

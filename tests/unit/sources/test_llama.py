@@ -119,6 +119,8 @@ def test_the_caller_environment_cannot_change_the_flags(
     monkeypatch.setenv("CMAKE_ARGS", "-DGGML_NATIVE=ON")
     built = build(sdist, tmp_path / "cache", build_deps, {"CMAKE_ARGS": "-DGGML_NATIVE=OFF"})
     assert flags_inside(built.path) == "-DGGML_NATIVE=OFF"
+    unflagged = build(sdist, tmp_path / "cache", build_deps, {})
+    assert flags_inside(unflagged.path) == "<unset>"
 
 
 def test_a_corrupted_cache_entry_is_refused(sdist: Path, build_deps: Path, tmp_path: Path) -> None:
