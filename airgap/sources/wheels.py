@@ -96,13 +96,44 @@ class Target:
             return ["--only-binary", ":all:"]
         version = self.python_version or llama.builder_python()
         args = ["--python-version", version, "--implementation", "cp", "--abi", "cp" + version.replace(".", "")]
-        for platform in (*self.platforms, *extra_platforms):
+        for platform in (*compatible_platforms(self.platforms), *extra_platforms):
             args += ["--platform", platform]
         return [*args, "--only-binary", ":all:"]
 
     def describe(self) -> str:
         python = self.python_version or llama.builder_python()
         return f"python {python} on {', '.join(self.platforms) or 'this builder platform'}"
+
+
+_LEGACY_MANYLINUX = {"manylinux1": 5, "manylinux2010": 12, "manylinux2014": 17}
+_OLDEST_GLIBC = {"x86_64": 5, "i686": 5}  # other architectures start at manylinux_2_17
+
+
+def compatible_platforms(platforms: Sequence[str]) -> list[str]:
+    """Each platform tag with every older tag it runs, newest first: pip does not expand manylinux_2_28 itself,
+    and would otherwise reject the many wheels tagged only manylinux2014 / manylinux_2_17."""
+    expanded: list[str] = []
+    for platform in platforms:
+        for tag in _older_tags(platform):
+            if tag not in expanded:
+                expanded.append(tag)
+    return expanded
+
+
+def _older_tags(platform: str) -> list[str]:
+    legacy = re.fullmatch(r"(manylinux1|manylinux2010|manylinux2014)_(\w+)", platform)
+    if legacy is not None:
+        platform = f"manylinux_2_{_LEGACY_MANYLINUX[legacy.group(1)]}_{legacy.group(2)}"
+    if (match := re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)) is not None:
+        newest, arch = int(match.group(1)), match.group(2)
+        tags = []
+        for minor in range(newest, _OLDEST_GLIBC.get(arch, 17) - 1, -1):
+            tags.append(f"manylinux_2_{minor}_{arch}")
+            tags += [f"{alias}_{arch}" for alias, aliased in _LEGACY_MANYLINUX.items() if aliased == minor]
+        return tags
+    if (match := re.fullmatch(r"musllinux_1_(\d+)_(\w+)", platform)) is not None:
+        return [f"musllinux_1_{minor}_{match.group(2)}" for minor in range(int(match.group(1)), -1, -1)]
+    return [platform]
 
 
 def builder_description() -> str:
@@ -237,7 +268,15 @@ class Session:
                 f"source-only packages only when the target matches this builder ({builder_description()}): "
                 f"build the bundle on such a host, or add a wheel for the target to find_links"
             )
-        sdist = self.pip.report_sdist(requirement, self.work)
+        try:
+            sdist = self.pip.report_sdist(requirement, self.work)
+        except PipFailed as failure:
+            if failure.missing is None:
+                raise
+            raise ResolveError(
+                f"no distribution satisfies {requirement}: no wheel for the target ({self.target.describe()}) "
+                f"and no source distribution to build"
+            ) from failure
         if any(pin.name == sdist.name for pin in already):
             raise ResolveError(f"built {sdist.filename} from source, yet pip finds no wheel satisfying {requirement}")
         return sdist

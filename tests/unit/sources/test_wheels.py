@@ -17,7 +17,7 @@ from packaging.utils import parse_wheel_filename
 
 from airgap.errors import ResolveError
 from airgap.sources import llama
-from airgap.sources.wheels import Pip, ResolvedWheel, resolve_wheels
+from airgap.sources.wheels import Pip, ResolvedWheel, compatible_platforms, resolve_wheels
 
 REPO = Path(__file__).resolve().parents[3]
 CACHE = Path(os.environ.get("AIRGAP_TEST_WHEELHOUSE", Path.home() / ".cache" / "airgap-tests" / "wheels-unit"))
@@ -48,6 +48,12 @@ def newer() -> Path:
 @pytest.fixture(scope="session")
 def py312() -> Path:
     return fill("py312", "-r", "markupsafe==3.0.3", "--no-deps", "--python-version", "3.12", "--platform", MANYLINUX)
+
+
+@pytest.fixture(scope="session")
+def glibc_2_17() -> Path:
+    """A wheel tagged only manylinux2014 / manylinux_2_17."""
+    return fill("glibc-2-17", "-r", "google-crc32c==1.9.0", "--no-deps")
 
 
 @pytest.fixture
@@ -191,6 +197,40 @@ def test_target_python_and_platform_choose_the_wheels(
     tags = parse_wheel_filename(markupsafe.filename)[3]
     assert {tag.abi for tag in tags} == {abi}
     assert any(tag.platform == MANYLINUX for tag in tags)
+
+
+def test_newer_manylinux_target_takes_wheels_for_older_glibc(glibc_2_17: Path, tmp_path: Path) -> None:
+    [crc] = resolve_wheels(
+        ["google-crc32c"],
+        dest=tmp_path / "out",
+        find_links=[glibc_2_17],
+        no_index=True,
+        python_version="3.11",
+        platforms=[MANYLINUX],
+        progress=False,
+    )
+    assert "manylinux_2_17_x86_64" in crc.filename
+
+    with pytest.raises(ResolveError, match=r"google-crc32c.*manylinux_2_12_x86_64"):
+        resolve_wheels(
+            ["google-crc32c"],
+            dest=tmp_path / "old",
+            find_links=[glibc_2_17],
+            no_index=True,
+            python_version="3.11",
+            platforms=["manylinux_2_12_x86_64"],
+            progress=False,
+        )
+
+
+def test_platform_tags_expand_to_the_older_ones_they_run() -> None:
+    tags = compatible_platforms(["manylinux_2_28_x86_64", "manylinux2014_aarch64", "musllinux_1_1_x86_64"])
+    assert tags[:2] == ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64"]
+    assert {"manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "manylinux_2_5_x86_64"} <= set(tags)
+    assert {"manylinux_2_17_aarch64", "manylinux2014_aarch64"} <= set(tags)
+    assert "manylinux_2_16_aarch64" not in tags
+    assert "manylinux_2_29_x86_64" not in tags
+    assert tags[-2:] == ["musllinux_1_1_x86_64", "musllinux_1_0_x86_64"]
 
 
 def test_target_platform_without_a_wheel_is_refused(base: Path, tmp_path: Path) -> None:
