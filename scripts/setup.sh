@@ -21,3 +21,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
 fi
+# llama-cpp-python for the serving tests and benchmarks, built once by airgap's own cached builder
+# (the same GGML_NATIVE=OFF wheel that bundles carry), then installed offline from that wheel
+if ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1; then
+  .venv/bin/python scripts/dev_llama.py
+fi
