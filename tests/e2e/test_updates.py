@@ -504,10 +504,7 @@ def test_killed_first_install_leaves_nothing_or_the_new_version(tmp_path: Path, 
 # ---------------------------------------------------------------- the real CLI, as in the issue
 
 @pytest.mark.slow
-def test_cli_trust_init_build_drop_cosign_install_rollback(tmp_path: Path) -> None:
-    wheelhouse = Path.home() / ".cache" / "airgap-tests" / "wheelhouse"
-    if not (wheelhouse / ".complete").exists():
-        pytest.skip("no local wheelhouse (tests/conftest.py's `wheelhouse` fixture makes one)")
+def test_cli_trust_init_build_drop_cosign_install_rollback(tmp_path: Path, wheelhouse: Path) -> None:
     keys = {stem: write_key_files(tmp_path, stem) for stem in ("root1", "root2", "first", "second")}
     model = tmp_path / "weights.bin"  # not .gguf: no GGUF header to read
     model.write_bytes(WEIGHTS)
