@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from airgap.bundle import Head, Sink, read_head, read_payload
 from airgap.errors import AirgapError, InstallError, PolicyError, TrustError
+from airgap.fsio import fsync_dir
 from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
 from airgap.manifest import FileEntry, Manifest, format_time
 from airgap.policy import (
@@ -47,7 +48,6 @@ from airgap.state import (
     Pending,
     State,
     acceptance_record,
-    fsync_dir,
     load_state,
     prefix_lock,
     read_root,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from airgap.errors import InstallError
+from airgap.fsio import fsync_dir, write_atomic
 from airgap.manifest import BaseRef, format_time, parse_time
 from airgap.policy import Acceptance
 
@@ -174,16 +175,6 @@ def save_state(prefix: Path, state: State) -> None:
     write_atomic(state_path(prefix), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def root_path(prefix: Path, version: int) -> Path:
     return prefix / "trust" / f"root.{version}.json"
 
@@ -233,14 +224,6 @@ def _load_libc() -> Any:
 
 
 _LIBC = _load_libc()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def swap_symlink(link: Path, target: str) -> None:

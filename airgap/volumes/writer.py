@@ -21,6 +21,7 @@ from typing import Literal
 
 from airgap.bundle import Head, read_head
 from airgap.errors import VolumeError
+from airgap.fsio import fsync_dir, write_atomic
 from airgap.hashing import CHUNK_SIZE, iter_chunks
 from airgap.manifest import format_time
 from airgap.parity import ParityCode, check_share_count, stripe_size_for
@@ -32,7 +33,6 @@ from airgap.volumes.fsutil import (
     describe_os_error,
     drop_cache,
     free_bytes,
-    fsync_dir,
     max_file_size,
 )
 from airgap.volumes.index import (
@@ -155,12 +155,12 @@ class _VolumeSetWriter:
                 segment_size=self.segment_size, volumes=tuple(volumes), recovery=tuple(recovery),
                 stripe_size=stripe_size_for(len(volumes), self.segment_size) if recovery else 0)
             self.current = index.index_name
-            _write_small_file(self.dest / index.index_name, index.to_bytes())
+            write_atomic(self.dest / index.index_name, index.to_bytes())
             readme = None
             if self.verify:
                 readme = self.dest / README_NAME
                 self.current = README_NAME
-                _write_small_file(readme, render_readme(index, self.source.head).encode())
+                write_atomic(readme, render_readme(index, self.source.head).encode())
             fsync_dir(self.dest)
         except OSError as exc:
             raise VolumeError(f"writing {self.current or self.dest} in {self.dest} failed: "
@@ -381,15 +381,6 @@ def _read_back(path: Path, entry: VolumeFile, advance: Callable[[int], object]) 
             f"read-back of {path.name} from {path.parent} differs from what was written: expected {entry.size} "
             f"bytes with sha256 {entry.sha256[:16]}..., found {size} bytes with sha256 {hasher.hexdigest()[:16]}... "
             "(failing device?); run the same command again to rewrite it")
-
-
-def _write_small_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with tmp.open("wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the operator's sheet
