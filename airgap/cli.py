@@ -307,9 +307,12 @@ def status(prefix: Path, as_json: bool) -> None:
     lines = []
     for gen in state.generations:
         mark = "*" if gen.id == state.active else " "
-        lines.append(f"{mark} {gen.name} {gen.version}  installed {gen.installed_at}  ({gen.id})")
+        overrides = f"  accepted with --{', --'.join(gen.overrides)}" if gen.overrides else ""
+        lines.append(f"{mark} {gen.name} {gen.version}  installed {gen.installed_at}  ({gen.id}){overrides}")
         if gen.id == state.active:
             lines += [f"    model {m.id}: {m.path} ({m.size} bytes)" for m in gen.models]
+    if lines and state.trusted_root is not None:
+        lines.append(f"trusted root: version {state.trusted_root}")
     _emit(as_json, asdict(state), "\n".join(lines) or f"nothing installed under {prefix}")
 
 
