@@ -11,15 +11,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import airgap
-from airgap.bundle import PayloadFile, prepare_entry, scratch_dir, write_bundle
+from airgap.bundle import prepare_entry, scratch_dir
 from airgap.errors import SpecError
 from airgap.hashing import digest_file
 from airgap.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
 from airgap.progress import byte_progress
+from airgap.roots import Root
 from airgap.sources.selfwheel import build_self_wheel, runtime_requirements
 from airgap.sources.wheels import ResolvedWheel, resolve_wheels
 from airgap.spec import ModelSpec, Spec
-from airgap.trust import sign
+from airgap.trust import key_id, sign
+from airgap.updates import load_roots, pack, read_base, root_payload
 
 BOOTSTRAP_REQUIREMENTS = "bootstrap-requirements.txt"
 
@@ -33,6 +35,9 @@ class BuildOptions:
     hub_endpoint: str | None = None
     hub_cache: Path | None = None
     wheel_cache: Path | None = None
+    base: Path | None = None  # build an update drop on top of this bundle
+    roots: tuple[Path, ...] = ()  # root files (one unbroken chain) the bundle carries
+    expires_days: int | None = None  # overrides the spec's bundle.expires_days
 
 
 def creation_time(explicit: datetime | None = None) -> datetime:
@@ -55,6 +60,9 @@ def bundle_filename(name: str, version: str) -> str:
 def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: BuildOptions) -> Path:
     """Build `<out_dir>/<name>-<version>.airgap` from a spec, signed by every key in `signers`."""
     created = creation_time(options.created)
+    base = read_base(options.base) if options.base is not None else None
+    roots = load_roots(options.roots)
+    _check_release_keys(signers, roots)
     with scratch_dir(options.out_dir) as tmp:
         work = Path(tmp)
         models, model_files = _collect_models(spec, options)
@@ -68,7 +76,8 @@ def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: Buil
                    for path, entry in [*model_files, *wheels_payload(wheels), bootstrap[:2]]]
         draft = Manifest(
             name=spec.name, version=spec.version, created=created,
-            expires=created + timedelta(days=spec.expires_days), tool_version=airgap.__version__,
+            expires=created + timedelta(days=options.expires_days or spec.expires_days),
+            tool_version=airgap.__version__,
             files=tuple(p.entry for p in payload), models=tuple(models),
             packages=tuple(PythonPackage(w.name, w.version, f"wheels/{w.filename}") for w in wheels),
             python={
@@ -81,13 +90,20 @@ def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: Buil
         out = options.out_dir / bundle_filename(spec.name, spec.version)
         total = sum(p.entry.stored_size for p in payload)
         with byte_progress(total, f"packing {out.name}", options.progress) as advance:
-            write_bundle(out, draft, _order(payload), lambda data: [sign(data, k) for k in signers], advance)
+            pack(out, draft, [*root_payload(roots, work), *payload], lambda data: [sign(data, k) for k in signers],
+                 base, advance)
     return out
 
 
-def _order(payload: list[PayloadFile]) -> list[PayloadFile]:
-    """Small files first so that a reader meets the wheels before gigabytes of weights."""
-    return sorted(payload, key=lambda p: (p.entry.kind == "model", p.entry.path))
+def _check_release_keys(signers: Sequence[Ed25519PrivateKey], roots: Sequence[Root]) -> None:
+    """A bundle carrying roots is signed by release keys of the newest one (co-signers may follow)."""
+    if not roots:
+        return
+    allowed = set(roots[-1].release.keyids)
+    for key in signers:
+        if key_id(key.public_key()) not in allowed:
+            raise SpecError(f"signing key {key_id(key.public_key())[:16]} is not a release key of root version "
+                            f"{roots[-1].version}; its release keys are {', '.join(k[:16] for k in sorted(allowed))}")
 
 
 def _collect_models(spec: Spec, options: BuildOptions) -> tuple[list[ModelEntry], list[tuple[Path, FileEntry]]]:

@@ -3,6 +3,11 @@
 Nothing outside `PREFIX/staging` is written before the whole bundle has verified. Model files and
 wheels go into a content-addressed store (`PREFIX/store/sha256/<hex>`), so a later version that keeps
 the same weights neither copies nor rewrites them. The active version is the symlink `PREFIX/current`.
+
+An install goes through recorded steps: staged, stored, built (all undone by the next run if it
+crashed), then `ready` (state.json records the complete new version), switched (one symlink swap),
+committed (state.json names the new version active). From `ready` on, the next run finishes the
+install instead of undoing it. `reached(step)` is called after each one; crash tests kill there.
 """
 
 from __future__ import annotations
@@ -13,29 +18,48 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from airgap.bundle import Head, Sink, read_head, read_payload
-from airgap.errors import AirgapError, InstallError, PolicyError
-from airgap.hashing import Readable
+from airgap.errors import AirgapError, InstallError, PolicyError, TrustError
+from airgap.fsio import fsync_dir
+from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
 from airgap.manifest import FileEntry, Manifest, format_time
-from airgap.policy import NO_OVERRIDES, Acceptance, Overrides, check_acceptance, parse_version
+from airgap.policy import (
+    NO_OVERRIDES,
+    Acceptance,
+    Overrides,
+    advance,
+    check_acceptance,
+    check_base,
+    check_root_fresh,
+    trusted_now,
+)
 from airgap.progress import byte_progress
+from airgap.roots import Root, check_self_signed, parse_root
 from airgap.state import (
+    STEP_READY,
     Generation,
     InstalledModel,
+    Pending,
     State,
-    fsync_dir,
+    acceptance_record,
     load_state,
     prefix_lock,
+    read_root,
+    remove_roots_above,
     save_state,
     swap_symlink,
+    sync_filesystem,
+    write_root,
 )
 from airgap.trust import TrustPolicy
+from airgap.volumes import BundleStream
+from airgap.volumes import open_bundle as open_volumes
 
 VENV_EXPANSION = 4  # installed wheels take roughly this many times their compressed size
 
@@ -49,6 +73,9 @@ class VerifyReport:
     bytes: int
     signers: tuple[str, ...]
     expires: str
+    base: str | None = None  # "name version" of the version an update drop applies on top of
+    root_version: int | None = None  # the newest root the bundle's chain reached, when trust is a root
+    repairs: tuple[str, ...] = ()  # volumes rebuilt from recovery volumes on the way
 
 
 @dataclass(frozen=True)
@@ -58,45 +85,81 @@ class InstallReport:
     written_bytes: int
     reused_bytes: int
     already_installed: bool = False
+    repairs: tuple[str, ...] = ()
+
+
+def reached(step: str) -> None:
+    """A durable install step is done. Crash tests replace this to kill the installer right here."""
 
 
 @contextlib.contextmanager
-def open_bundle(path: Path) -> Iterator[Readable]:
-    """A readable stream over a bundle file."""
-    try:
-        with path.open("rb") as stream:
-            yield stream
-    except FileNotFoundError:
-        raise AirgapError(f"bundle not found: {path}") from None
-    except IsADirectoryError:
-        raise AirgapError(f"expected a bundle file, found a folder: {path}") from None
+def open_bundle(path: Path) -> Iterator[BundleStream]:
+    """A readable stream over a bundle: one file, or its USB volumes read in order (repaired from
+    recovery volumes where needed) without joining them first."""
+    with open_volumes(path) as stream:
+        yield stream
 
 
-def _authenticate(head: Head, trust: TrustPolicy) -> tuple[str, ...]:
-    from airgap.trust import key_id, public_key_from_raw
-
-    good = trust.check(head.manifest_bytes, head.signatures)
-    return tuple(sorted(key_id(public_key_from_raw(raw)) for raw in good))
+def pinned_root(prefix: Path, state: State | None = None) -> Root:
+    """The root this host trusts now (pinned by `airgap trust init`, advanced by rotations)."""
+    prefix = prefix.absolute()
+    state = state if state is not None else load_state(prefix)
+    if state.trusted_root is None:
+        raise TrustError(f"no trusted key given and no root pinned under {prefix}: pass --trust PUBLIC_KEY.pub, "
+                         f"or pin a root once with `airgap trust init ROOT.json --prefix {prefix}`")
+    root = parse_root(read_root(prefix, state.trusted_root))
+    if root.version != state.trusted_root:
+        raise TrustError(f"{prefix}/trust/root.{state.trusted_root}.json holds root version {root.version}")
+    check_self_signed(root)
+    return root
 
 
 def verify_bundle(
-    path: Path, trust: TrustPolicy, clock: datetime | None = None, overrides: Overrides = NO_OVERRIDES,
+    path: Path, trust: Anchor, clock: datetime | None = None, overrides: Overrides = NO_OVERRIDES,
     progress: bool = True,
 ) -> VerifyReport:
-    """Check signature, expiry and every file's size and SHA-256, reading the bundle once."""
+    """Check signatures (through the bundle's root chain when trust is a root), expiry and every
+    carried file's size and SHA-256, reading the bundle once."""
+    now = clock or datetime.now(UTC)
     with open_bundle(path) as stream:
         head, tar = read_head(stream)
-        signers = _authenticate(head, trust)
-        check_acceptance(head.manifest, head.manifest_sha256, Acceptance(), clock or datetime.now(UTC), overrides)
         manifest = head.manifest
+        gate = TrustGate(head, trust, now, overrides)
         stored = sum(e.stored_size for e in manifest.carried_files)
-        with byte_progress(stored, f"verifying {path.name}", progress) as advance:
-            read_payload(tar, manifest, None, advance)
+        with byte_progress(stored, f"verifying {path.name}", progress) as advance_bar:
+            read_payload(tar, manifest, gate.open_sink, advance_bar)
+        auth = gate.finish()
+        check_acceptance(manifest, head.manifest_sha256, Acceptance(), now, overrides)
+        repairs = tuple(str(r) for r in stream.repaired)
+    base = manifest.base
     return VerifyReport(
         name=manifest.name, version=manifest.version, manifest_sha256=head.manifest_sha256,
-        files=len(manifest.carried_files), bytes=manifest.total_size, signers=signers,
-        expires=format_time(manifest.expires),
+        files=len(manifest.carried_files), bytes=sum(e.size for e in manifest.carried_files), signers=auth.signers,
+        expires=format_time(manifest.expires), base=f"{base.name} {base.version}" if base else None,
+        root_version=auth.root_version or (trust.version if isinstance(trust, Root) else None), repairs=repairs,
     )
+
+
+def trust_init(prefix: Path, data: bytes, clock: datetime | None = None, force: bool = False) -> Root:
+    """Pin a root on this host, out of band. Refuses to replace a different pinned root unless forced."""
+    prefix = prefix.absolute()
+    with prefix_lock(prefix):
+        state = recover(prefix, load_state(prefix))
+        root = parse_root(data)
+        check_self_signed(root)
+        check_root_fresh(root.version, root.expires, trusted_now(clock or datetime.now(UTC), state.time_floor()),
+                         NO_OVERRIDES)
+        if state.trusted_root is not None and not force:
+            current = parse_root(read_root(prefix, state.trusted_root))
+            if current.envelope.payload == root.envelope.payload:
+                return current
+            raise TrustError(
+                f"root version {state.trusted_root} is already pinned under {prefix}; new roots arrive inside "
+                f"bundles (rotation), or re-pin out of band with --force (found version {root.version})")
+        write_root(prefix, root.version, root.to_bytes())
+        save_state(prefix, replace(state, trusted_root=root.version))
+        remove_roots_above(prefix, root.version)
+    return root
 
 
 # ---------------------------------------------------------------- install
@@ -129,54 +192,72 @@ class _StagingSink:
 
 
 def install_bundle(
-    path: Path, prefix: Path, trust: TrustPolicy, overrides: Overrides = NO_OVERRIDES,
+    path: Path, prefix: Path, trust: TrustPolicy | None = None, overrides: Overrides = NO_OVERRIDES,
     clock: datetime | None = None, progress: bool = True, python: str = sys.executable,
 ) -> InstallReport:
+    """Install a full bundle or an update drop; `trust` None means the root pinned under `prefix`."""
     prefix = prefix.absolute()
     with prefix_lock(prefix):
         state = recover(prefix, load_state(prefix))
+        anchor: Anchor = trust if trust is not None else pinned_root(prefix, state)
         with open_bundle(path) as stream:
             head, tar = read_head(stream)
-            _authenticate(head, trust)
             manifest, manifest_sha = head.manifest, head.manifest_sha256
             clock = clock or datetime.now(UTC)
+            now = trusted_now(clock, state.time_floor())
             accepted = state.acceptance(manifest.name)
-            used = check_acceptance(manifest, manifest_sha, accepted, clock, overrides)
+            used = check_acceptance(manifest, manifest_sha, accepted, now, overrides,
+                                    state.installed_versions(manifest.name))
             gen_id = generation_id(manifest, manifest_sha)
             existing = state.generation(gen_id)
-            if existing is not None:  # still read it all: a damaged copy is reported, not silently ignored
-                read_payload(tar, manifest)
-                return _reactivate(prefix, state, existing)
-            _check_base(prefix, manifest)
+            if existing is not None:  # still read it all: a damaged or forged copy is reported, not ignored
+                gate = TrustGate(head, anchor, now, overrides)
+                read_payload(tar, manifest, gate.open_sink)
+                gate.finish()
+                return replace(_reactivate(prefix, state, existing), repairs=tuple(str(r) for r in stream.repaired))
+            check_base(manifest, state.installed_bases())
+            _check_store(prefix, manifest)
             _check_space(prefix, manifest)
             staging = prefix / "staging" / gen_id
             try:
-                written = _stage(tar, manifest, prefix, staging, progress)
-                state = replace(state, pending=gen_id)
+                written, auth = _stage(tar, head, lambda inner: TrustGate(head, anchor, now, overrides, inner),
+                                       prefix, staging, progress)
+                reached("staged")
+                _store(prefix, staging)
+                reached("stored")
+                generation = _assemble(prefix, staging, manifest, head, gen_id, clock, [*used, *auth.overrides],
+                                       python)
+                reached("built")
+                for root in auth.new_roots:
+                    write_root(prefix, root.version, root.to_bytes())
+                pending = Pending(gen_id, STEP_READY, generation, acceptance_record(advance(accepted, manifest,
+                                                                                             manifest_sha)),
+                                  auth.root_version)
+                state = replace(state, pending=pending)
                 save_state(prefix, state)
-                generation = _assemble(prefix, staging, manifest, head, gen_id, clock, used, python)
+                reached("ready")
             except OSError as exc:
                 _discard(prefix, gen_id)
                 raise _os_error(exc, prefix) from None
             except BaseException:
                 _discard(prefix, gen_id)
                 raise
+            repairs = tuple(str(r) for r in stream.repaired)
         previous = state.active
-        swap_symlink(prefix / "current", f"versions/{gen_id}")
-        new_accepted = _advance(accepted, manifest, manifest_sha, clock)
-        state = replace(state, active=gen_id, pending=None, generations=(*state.generations, generation),
-                        history=(*state.history, gen_id)).with_accepted(manifest.name, new_accepted)
-        save_state(prefix, state)
+        _finish(prefix, state)
         shutil.rmtree(prefix / "staging", ignore_errors=True)
-    return InstallReport(generation, previous, written, manifest.total_size - written)
+    return InstallReport(generation, previous, written, manifest.total_size - written, repairs=repairs)
 
 
-def _advance(accepted: Acceptance, manifest: Manifest, manifest_sha: str, clock: datetime) -> Acceptance:
-    newest = max(filter(None, [accepted.newest_created, manifest.created]))
-    if accepted.highest_version is not None and parse_version(manifest.version) < parse_version(
-            accepted.highest_version):
-        return replace(accepted, newest_created=newest)
-    return Acceptance(manifest.version, manifest_sha, newest)
+def _finish(prefix: Path, state: State) -> State:
+    """Switch to the ready version (one symlink swap), then record it as active."""
+    assert state.pending is not None
+    swap_symlink(prefix / "current", f"versions/{state.pending.id}")
+    reached("switched")
+    state = state.committed()
+    save_state(prefix, state)
+    reached("committed")
+    return state
 
 
 def _os_error(exc: OSError, prefix: Path) -> AirgapError:
@@ -187,19 +268,19 @@ def _os_error(exc: OSError, prefix: Path) -> AirgapError:
 
 def _reactivate(prefix: Path, state: State, generation: Generation) -> InstallReport:
     if state.active != generation.id:
-        swap_symlink(prefix / "current", f"versions/{generation.id}")
         save_state(prefix, replace(state, active=generation.id, history=(*state.history, generation.id)))
+        swap_symlink(prefix / "current", f"versions/{generation.id}")
     return InstallReport(generation, state.active, 0, 0, already_installed=True)
 
 
-def _check_base(prefix: Path, manifest: Manifest) -> None:
+def _check_store(prefix: Path, manifest: Manifest) -> None:
+    """The files a drop leaves out must be in the store (put there by its base), verified on the way in."""
     missing = [e for e in manifest.files if not e.carried and not store_path(prefix, e.sha256).is_file()]
-    if not missing:
-        return
-    base = manifest.base
-    needs = f"{base.name} {base.version}" if base else "a base version"
-    raise PolicyError(f"this update drop needs {needs} installed first: {len(missing)} file(s) it does not "
-                      f"carry are not on this host, first {missing[0].path}")
+    if missing:
+        base = manifest.base
+        needs = f"{base.name} {base.version}" if base else "a base version"
+        raise PolicyError(f"this update drop needs the files of {needs}: {len(missing)} file(s) it does not "
+                          f"carry are not in the store under {prefix}, first {missing[0].path}")
 
 
 def _check_space(prefix: Path, manifest: Manifest) -> None:
@@ -211,35 +292,44 @@ def _check_space(prefix: Path, manifest: Manifest) -> None:
                            f"found {free >> 20} MiB; nothing was changed")
 
 
-def _stage(tar: object, manifest: Manifest, prefix: Path, staging: Path, progress: bool) -> int:
+def _stage(tar: object, head: Head, gate_for: Callable[[SinkFactory], TrustGate], prefix: Path, staging: Path,
+           progress: bool) -> tuple[int, Authenticated]:
+    """Verify the payload into staging; the gate authenticates before the first file is written."""
+    manifest = head.manifest
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     written = 0
 
     def open_sink(entry: FileEntry) -> Sink | None:
         nonlocal written
-        if store_path(prefix, entry.sha256).is_file():
+        if store_path(prefix, entry.sha256).is_file() or (staging / entry.sha256).is_file():
             return None
         written += entry.size
         return _StagingSink(staging / entry.sha256)
 
+    gate = gate_for(open_sink)
     stored = sum(e.stored_size for e in manifest.carried_files)
-    with byte_progress(stored, "verifying and unpacking", progress) as advance:
-        read_payload(tar, manifest, open_sink, advance)  # type: ignore[arg-type]
-    return written
+    with byte_progress(stored, "verifying and unpacking", progress) as advance_bar:
+        read_payload(tar, manifest, gate.open_sink, advance_bar)  # type: ignore[arg-type]
+    return written, gate.finish()
 
 
-def _assemble(
-    prefix: Path, staging: Path, manifest: Manifest, head: Head, gen_id: str, clock: datetime,
-    overrides: list[str], python: str,
-) -> Generation:
-    """Verified: move staged files into the store and build the new version beside the active one."""
+def _store(prefix: Path, staging: Path) -> None:
+    """Verified: move staged files into the content-addressed store (a blob already there is the same)."""
     store = prefix / "store" / "sha256"
     store.mkdir(parents=True, exist_ok=True)
     for staged in staging.iterdir():
         staged.chmod(0o444)
         os.replace(staged, store / staged.name)
     fsync_dir(store)
+
+
+def _assemble(
+    prefix: Path, staging: Path, manifest: Manifest, head: Head, gen_id: str, clock: datetime,
+    overrides: list[str], python: str,
+) -> Generation:
+    """Build the new version beside the active one, from the store."""
+    store = prefix / "store" / "sha256"
     gen_dir = prefix / "versions" / gen_id
     shutil.rmtree(gen_dir, ignore_errors=True)
     gen_dir.mkdir(parents=True)
@@ -248,7 +338,7 @@ def _assemble(
             _link(gen_dir / entry.path, store / entry.sha256)
     (gen_dir / "manifest.json").write_bytes(head.manifest_bytes)
     _install_wheels(gen_dir, staging, manifest, store, python)
-    fsync_dir(gen_dir)
+    sync_filesystem(gen_dir)  # links, manifest and venv are durable before state.json calls them ready
     models = tuple(InstalledModel(m.id, f, manifest.file(f).size, manifest.file(f).sha256)
                    for m in manifest.models for f in m.files)
     return Generation(
@@ -298,28 +388,45 @@ def _run(command: list[str], what: str) -> None:
 
 
 def _discard(prefix: Path, gen_id: str) -> None:
+    """Undo an install that failed before it was committed: the host is as it was before."""
     shutil.rmtree(prefix / "staging", ignore_errors=True)
     shutil.rmtree(prefix / "versions" / gen_id, ignore_errors=True)
     state = load_state(prefix)
-    if state.pending == gen_id:
+    remove_roots_above(prefix, state.trusted_root)
+    if state.pending is not None and state.pending.id == gen_id:
         save_state(prefix, replace(state, pending=None))
 
 
 def recover(prefix: Path, state: State) -> State:
-    """Finish or clean up after a crash: drop a half-built version and the staging area."""
-    shutil.rmtree(prefix / "staging", ignore_errors=True)
-    if state.pending is not None:
-        if state.generation(state.pending) is None:
-            shutil.rmtree(prefix / "versions" / state.pending, ignore_errors=True)
-        state = replace(state, pending=None)
+    """After a crash: finish an install that reached `ready`, clean up anything earlier, and make
+    `current` point where state.json says."""
+    pending = state.pending
+    if pending is not None:
+        complete = pending.step == STEP_READY and pending.generation is not None and (
+            prefix / "versions" / pending.id).is_dir()
+        state = state.committed() if complete else replace(state, pending=None)
         save_state(prefix, state)
+    shutil.rmtree(prefix / "staging", ignore_errors=True)
     known = {g.id for g in state.generations}
     versions = prefix / "versions"
     if versions.is_dir():
         for leftover in versions.iterdir():
             if leftover.name not in known:
                 shutil.rmtree(leftover, ignore_errors=True)
+    remove_roots_above(prefix, state.trusted_root)
+    _point_current(prefix, state.active)
     return state
+
+
+def _point_current(prefix: Path, active: str | None) -> None:
+    link = prefix / "current"
+    if active is None:
+        if link.is_symlink():
+            link.unlink()
+        return
+    target = f"versions/{active}"
+    if not link.is_symlink() or os.readlink(link) != target:
+        swap_symlink(link, target)
 
 
 # ---------------------------------------------------------------- rollback and status
@@ -333,8 +440,8 @@ def rollback(prefix: Path, to_version: str | None = None) -> tuple[Generation, G
         if current is None:
             raise InstallError(f"nothing is installed under {prefix}")
         target = _rollback_target(state, current, to_version)
-        swap_symlink(prefix / "current", f"versions/{target.id}")
         save_state(prefix, replace(state, active=target.id, history=(*state.history, target.id)))
+        swap_symlink(prefix / "current", f"versions/{target.id}")
     return current, target
 
 

@@ -199,13 +199,13 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"manifest is not valid JSON: {exc}") from None
-    doc = _Doc(raw, "manifest")
+    doc = JsonObject(raw, "manifest")
     if doc.text("_type") != MANIFEST_TYPE:
         raise FormatError(f"not an airgap manifest: expected _type {MANIFEST_TYPE!r}, found {raw.get('_type')!r}")
     fmt = doc.num("format")
     if fmt != FORMAT_VERSION:
         raise FormatError(f"unsupported manifest format: this airgap reads format {FORMAT_VERSION}, found {fmt}")
-    files = tuple(_parse_file(_Doc(f, "file"), limits) for f in doc.items("files", limits.max_files))
+    files = tuple(_parse_file(JsonObject(f, "file"), limits) for f in doc.items("files", limits.max_files))
     _check_unique(files)
     total = sum(f.size for f in files)
     if total > limits.max_total_size:
@@ -216,10 +216,10 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
         version=check_name(doc.text("version"), "bundle version"),
         created=parse_time(doc.text("created"), "creation time"),
         expires=parse_time(doc.text("expires"), "expiry time"),
-        tool_version=_Doc(doc.obj("tool"), "tool").text("version"),
+        tool_version=JsonObject(doc.obj("tool"), "tool").text("version"),
         files=files,
-        models=tuple(_parse_model(_Doc(m, "model"), files) for m in doc.items("models", limits.max_files)),
-        packages=tuple(_parse_package(_Doc(p, "package"), files) for p in _Doc(python, "python").items(
+        models=tuple(_parse_model(JsonObject(m, "model"), files) for m in doc.items("models", limits.max_files)),
+        packages=tuple(_parse_package(JsonObject(p, "package"), files) for p in JsonObject(python, "python").items(
             "packages", limits.max_files)),
         python={k: v for k, v in python.items() if k != "packages"},
         base=_parse_base(raw.get("base")),
@@ -245,7 +245,7 @@ def _check_sha256(value: str, what: str) -> str:
     return value
 
 
-def _parse_file(doc: _Doc, limits: Limits) -> FileEntry:
+def _parse_file(doc: JsonObject, limits: Limits) -> FileEntry:
     size = doc.num("size")
     if size > limits.max_file_size:
         raise FormatError(f"file too large: limit {limits.max_file_size} bytes, found {size}")
@@ -267,7 +267,7 @@ def _parse_file(doc: _Doc, limits: Limits) -> FileEntry:
     )
 
 
-def _parse_model(doc: _Doc, files: tuple[FileEntry, ...]) -> ModelEntry:
+def _parse_model(doc: JsonObject, files: tuple[FileEntry, ...]) -> ModelEntry:
     paths = {f.path for f in files}
     model_files = tuple(str(p) for p in doc.items("files", 10_000))
     missing = [p for p in model_files if p not in paths]
@@ -276,7 +276,7 @@ def _parse_model(doc: _Doc, files: tuple[FileEntry, ...]) -> ModelEntry:
     return ModelEntry(id=check_name(doc.text("id"), "model id"), files=model_files, gguf=doc.obj("gguf"))
 
 
-def _parse_package(doc: _Doc, files: tuple[FileEntry, ...]) -> PythonPackage:
+def _parse_package(doc: JsonObject, files: tuple[FileEntry, ...]) -> PythonPackage:
     path = doc.text("path")
     if path not in {f.path for f in files}:
         raise FormatError(f"python package {doc.text('name')!r} names a file the manifest does not list: {path}")
@@ -286,14 +286,14 @@ def _parse_package(doc: _Doc, files: tuple[FileEntry, ...]) -> PythonPackage:
 def _parse_base(raw: object) -> BaseRef | None:
     if raw is None:
         return None
-    doc = _Doc(raw, "base")
+    doc = JsonObject(raw, "base")
     return BaseRef(
         name=check_name(doc.text("name"), "base name"), version=check_name(doc.text("version"), "base version"),
         manifest_sha256=_check_sha256(doc.text("manifest_sha256"), "base manifest_sha256"),
     )
 
 
-class _Doc:
+class JsonObject:
     """Typed access to one JSON object, with errors that name the field."""
 
     def __init__(self, raw: object, what: str) -> None:
@@ -305,7 +305,7 @@ class _Doc:
     def _get(self, key: str, kind: type, kind_name: str) -> Any:
         value = self.raw.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise FormatError(f"invalid {self.what}: field {key!r} must be {kind_name}, found {value!r}")
+            raise FormatError(f"invalid {self.what}: field {key!r} must be {kind_name}, found {repr(value)[:80]}")
         return value
 
     def text(self, key: str) -> str:

@@ -3,6 +3,10 @@
 A signature is a raw 64-byte Ed25519 signature over the manifest file's exact bytes, so that
 `openssl pkeyutl -verify -rawin` checks it without this tool. Keys are identified by the SHA-256 of
 their raw 32-byte public key; thresholds count distinct public keys, never key-id strings.
+
+Trust metadata (root files) travels in DSSE envelopes: the signature covers the pre-authentication
+encoding `DSSEv1 <len> <type> <len> <payload>`, so the payload type is bound into the signed bytes,
+no canonical JSON is needed, and one envelope holds any number of co-signatures.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -176,3 +181,83 @@ class TrustPolicy:
 
     def check(self, manifest_bytes: bytes, signatures: Sequence[Signature]) -> set[bytes]:
         return require_threshold(manifest_bytes, signatures, self.keys, self.threshold, "bundle manifest")
+
+
+# ---------------------------------------------------------------- DSSE envelopes
+
+DSSE_VERSION = b"DSSEv1"
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding: the exact bytes a DSSE signature covers."""
+    kind = payload_type.encode("utf-8")
+    return b"%s %d %s %d %s" % (DSSE_VERSION, len(kind), kind, len(payload), payload)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A DSSE envelope: a typed payload and the signatures over its pre-authentication encoding."""
+
+    payload_type: str
+    payload: bytes
+    signatures: tuple[Signature, ...] = ()
+
+    @property
+    def signed_bytes(self) -> bytes:
+        return pae(self.payload_type, self.payload)
+
+    def with_signatures(self, new: Iterable[Signature]) -> Envelope:
+        """Add signatures; a key that signed already keeps one signature, the newest."""
+        merged = {s.keyid: s for s in self.signatures} | {s.keyid: s for s in new}
+        return Envelope(self.payload_type, self.payload, tuple(sorted(merged.values(), key=lambda s: s.keyid)))
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "payloadType": self.payload_type,
+            "payload": base64.b64encode(self.payload).decode(),
+            "signatures": [{"keyid": s.keyid, "sig": base64.b64encode(s.value).decode()} for s in self.signatures],
+        }
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def sign_envelope(envelope: Envelope, private: Ed25519PrivateKey) -> Envelope:
+    return envelope.with_signatures([sign(envelope.signed_bytes, private)])
+
+
+def parse_envelope(data: bytes, payload_type: str, max_bytes: int, max_signatures: int, what: str) -> Envelope:
+    """Parse a DSSE envelope of the expected payload type; signatures are parsed, not yet verified."""
+    if len(data) > max_bytes:
+        raise FormatError(f"{what} too large: limit {max_bytes} bytes, found {len(data)}")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{what} is not a JSON signature envelope (DSSE)") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("signatures"), list):
+        raise FormatError(f"{what}: expected a DSSE envelope with payloadType, payload and signatures")
+    if raw.get("payloadType") != payload_type:
+        raise FormatError(f"{what}: expected payloadType {payload_type!r}, found {raw.get('payloadType')!r}")
+    if len(raw["signatures"]) > max_signatures:
+        raise FormatError(f"{what}: limit {max_signatures} signatures, found {len(raw['signatures'])}")
+    signatures = tuple(_envelope_signature(item, what) for item in raw["signatures"])
+    return Envelope(payload_type, _b64(raw.get("payload"), f"{what} payload"), signatures)
+
+
+def _envelope_signature(item: object, what: str) -> Signature:
+    if not isinstance(item, dict) or not isinstance(item.get("keyid"), str):
+        raise FormatError(f"{what}: each signature needs a keyid and a sig")
+    keyid = item["keyid"]
+    if not re.fullmatch(r"[0-9a-f]{64}", keyid):
+        raise FormatError(f"{what}: key id must be 64 lowercase hex digits, found {keyid[:80]!r}")
+    value = _b64(item.get("sig"), f"{what} signature")
+    if len(value) != 64:
+        raise FormatError(f"{what}: an Ed25519 signature has 64 bytes, found {len(value)}")
+    return Signature(keyid=keyid, value=value)
+
+
+def _b64(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise FormatError(f"{what}: expected base64 text, found {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise FormatError(f"{what}: bad base64") from None

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for tool in openssl:openssl zstd:zstd ip:iproute2 unshare:util-linux systemd-analyze:systemd \
-            /usr/bin/time:time cmake:cmake g++:g++; do
+            /usr/bin/time:time cmake:cmake g++:g++ jq:jq; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,4 +20,9 @@ stamp=.venv/.airgap-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
+fi
+# llama-cpp-python for the serving tests and benchmarks, built once by airgap's own cached builder
+# (the same GGML_NATIVE=OFF wheel that bundles carry), then installed offline from that wheel
+if ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1; then
+  .venv/bin/python scripts/dev_llama.py
 fi

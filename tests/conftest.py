@@ -18,11 +18,12 @@ def wheelhouse() -> Path:
     """Binary wheels of airgap's runtime dependencies, downloaded once from the package registry."""
     folder = CACHE / "wheelhouse"
     marker = folder / ".complete"
-    if not marker.exists():
+    wanted = "\n".join(sorted(WHEELHOUSE_REQUIREMENTS))
+    if not marker.exists() or marker.read_text() != wanted:
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:",
                         "-d", str(folder), *WHEELHOUSE_REQUIREMENTS], check=True)
-        marker.touch()
+        marker.write_text(wanted)
     return folder
 
 

@@ -147,6 +147,7 @@ def test_downgrade_refused_then_allowed(built: Built, installed: Path, tmp_path:
     assert result.code == 0, result.stderr
     state = json.loads((installed / "state.json").read_text())
     assert state["generations"][-1]["overrides"] == ["allow-downgrade"]
+    assert "accepted with --allow-downgrade" in airgap("status", "--prefix", installed).stdout
 
 
 def test_disk_full_during_install(built: Built, tmp_path: Path) -> None:

@@ -43,6 +43,6 @@ def test_error_is_one_line_and_verbose_shows_traceback(tmp_path: object) -> None
     assert result.exit_code == 0  # nothing installed is not an error
     result = runner.invoke(main, ["inspect", "/nonexistent.airgap"])
     assert result.exit_code == 1
-    assert result.output.strip().count("\n") == 0 and "bundle not found" in result.output
+    assert result.output.strip().count("\n") == 0 and "nonexistent.airgap not found" in result.output
     verbose = runner.invoke(main, ["--verbose", "inspect", "/nonexistent.airgap"])
     assert "Traceback" in verbose.output
