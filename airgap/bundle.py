@@ -540,29 +540,22 @@ def write_bundle(
     payload: Sequence[PayloadFile],
     sign_manifest: Callable[[bytes], Sequence[Signature]],
     progress: Callable[[int], object] | None = None,
+    absent: Sequence[FileEntry] = (),
 ) -> Head:
     """Write the bundle in one pass over each payload file, then fill in the head reserved for it.
 
     Raw files are hashed while they are copied; the manifest's length does not depend on the hashes
     (fixed-width hex), so the space it needs at the start is known before the payload is written.
+    `absent` entries (files an update drop leaves to its base) are listed after the carried ones.
     """
     mtime = int(draft.created.timestamp())
-    entries = [p.entry for p in payload]
-    placeholder = replace(draft, files=tuple(entries)).with_sha256sums()
+    placeholder = replace(draft, files=(*(p.entry for p in payload), *absent)).with_sha256sums()
     head_size = _head_size(placeholder, mtime)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         with tmp.open("wb") as out:
-            # reading, hashing and writing overlap: a reader thread per file, this thread hashes, one writer
-            direct = DirectFile(tmp, out.fileno(), offset=head_size)
-            try:
-                with WriteBehind(direct.write) as writer:
-                    final_entries = [_write_member(writer.write, item, mtime, progress) for item in payload]
-                    writer.write(bytes(2 * BLOCK))
-                direct.finish()
-            finally:
-                direct.close()
-            manifest = replace(draft, files=tuple(final_entries)).with_sha256sums()
+            final_entries = write_payload(tmp, out.fileno(), head_size, payload, mtime, progress)
+            manifest = replace(draft, files=(*final_entries, *absent)).with_sha256sums()
             head = _write_head(out, manifest, sign_manifest, mtime, head_size)
             out.flush()
             os.fsync(out.fileno())
@@ -570,6 +563,26 @@ def write_bundle(
     finally:
         tmp.unlink(missing_ok=True)
     return head
+
+
+def write_payload(
+    path: Path, fd: int, offset: int, payload: Sequence[PayloadFile], mtime: int,
+    progress: Callable[[int], object] | None = None,
+) -> list[FileEntry]:
+    """Write the payload members and the end of the archive into `path` (open as `fd`) from `offset` on.
+
+    Reading, hashing and writing overlap: a reader thread per big file, the hashing in this thread,
+    one writer thread sending the bytes straight to disk. Returns the entries with raw files' hashes.
+    """
+    direct = DirectFile(path, fd, offset)
+    try:
+        with WriteBehind(direct.write) as writer:
+            entries = [_pack_member(writer.write, item, mtime, progress) for item in payload]
+            writer.write(bytes(2 * BLOCK))
+        direct.finish()
+    finally:
+        direct.close()
+    return entries
 
 
 def _head_size(manifest: Manifest, mtime: int) -> int:
@@ -594,8 +607,13 @@ def _write_head(
     return Head(manifest_bytes, manifest, signatures, len(manifest_member) + BLOCK)
 
 
-def _write_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int,
-                  progress: Callable[[int], object] | None) -> FileEntry:
+def _write_member(out: BinaryIO, item: PayloadFile, mtime: int, progress: Callable[[int], object] | None) -> FileEntry:
+    """One member at `out`'s position (for callers laying out a bundle themselves; see write_payload)."""
+    return _pack_member(out.write, item, mtime, progress)
+
+
+def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int,
+                 progress: Callable[[int], object] | None) -> FileEntry:
     entry = item.entry
     write(_member_header(entry.member_name, entry.stored_size, mtime))
 
