@@ -21,10 +21,9 @@ from typing import BinaryIO, Protocol, cast
 
 import zstandard
 
+from airgap import hashing
 from airgap.errors import FormatError, IntegrityError
 from airgap.hashing import (
-    CHUNK_SIZE,
-    PIPELINE_MIN_BYTES,
     Digest,
     DirectFile,
     Prefetch,
@@ -361,7 +360,7 @@ def _pread_chunks(fd: int, offset: int, size: int, name: str, cancel: threading.
     while got < size:
         if cancel.is_set():
             raise _Cancelled
-        chunk = os.pread(fd, min(CHUNK_SIZE, size - got), offset + got)
+        chunk = os.pread(fd, min(hashing.CHUNK_SIZE, size - got), offset + got)
         if not chunk:
             raise _truncated(name, size, got)  # the file shrank after its headers were read
         got += len(chunk)
@@ -385,7 +384,7 @@ def _verify_stream(
     entry: FileEntry, chunks: Iterator[bytes], sink: Sink | None, progress: Callable[[int], object] | None,
 ) -> None:
     """Verify one member's stored bytes; a big one is read ahead and written behind in other threads."""
-    big = entry.stored_size >= PIPELINE_MIN_BYTES
+    big = entry.stored_size >= hashing.PIPELINE_MIN_BYTES
     with Prefetch(chunks) if big else contextlib.nullcontext(chunks) as stored:
         counted: Iterable[bytes] = stored if progress is None else _counting(stored, progress)
         _verify_member(entry, counted, sink, write_behind=big)
@@ -481,7 +480,8 @@ def _decompressed(chunks: Iterator[bytes], entry: FileEntry) -> Iterator[bytes]:
     decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
     source = _ChunkReader(chunks)
     try:
-        reader_cm = decompressor.stream_reader(cast(BinaryIO, source), read_size=CHUNK_SIZE, read_across_frames=True)
+        reader_cm = decompressor.stream_reader(cast(BinaryIO, source), read_size=hashing.CHUNK_SIZE,
+                                               read_across_frames=True)
         with reader_cm as reader:
             # the manifest's size caps the output: a bomb stops one chunk past the declared size
             yield from _capped(iter_chunks(reader), entry)
@@ -624,7 +624,7 @@ def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int
 
     with item.source_path.open("rb", buffering=0) as source:
         chunks = iter_chunks(source)
-        if entry.stored_size < PIPELINE_MIN_BYTES:
+        if entry.stored_size < hashing.PIPELINE_MIN_BYTES:
             stored = digest_chunks(chunks, sink)
         else:
             with Prefetch(chunks) as ahead:

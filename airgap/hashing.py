@@ -47,11 +47,12 @@ class Digest:
     sha256: str
 
 
-def iter_chunks(stream: Readable, limit: int | None = None, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """Yield chunks from a stream, at most `limit` bytes in all when a limit is given."""
+def iter_chunks(stream: Readable, limit: int | None = None, chunk_size: int | None = None) -> Iterator[bytes]:
+    """Yield chunks (CHUNK_SIZE unless told) from a stream, at most `limit` bytes in all when a limit is given."""
+    size = chunk_size or CHUNK_SIZE
     remaining = limit
     while remaining is None or remaining > 0:
-        want = chunk_size if remaining is None else min(chunk_size, remaining)
+        want = size if remaining is None else min(size, remaining)
         chunk = stream.read(want)
         if not chunk:
             return
@@ -255,7 +256,8 @@ class DirectFile:
         self.filled = 0
         self.unflushed = 0  # plain bytes written since the last writeback request
         self.direct = _open_direct(path)
-        self.buffer = mmap.mmap(-1, DIRECT_BUFFER_SIZE) if self.direct is not None else None
+        self.size = DIRECT_BUFFER_SIZE
+        self.buffer = mmap.mmap(-1, self.size) if self.direct is not None else None
 
     def write(self, data: bytes, /) -> int:
         view = memoryview(data)
@@ -267,11 +269,11 @@ class DirectFile:
             if self.buffer is None:
                 self._plain(view)
                 break
-            take = min(len(view), DIRECT_BUFFER_SIZE - self.filled)
+            take = min(len(view), self.size - self.filled)
             self.buffer[self.filled:self.filled + take] = view[:take]
             self.filled += take
             view = view[take:]
-            if self.filled == DIRECT_BUFFER_SIZE:
+            if self.filled == self.size:
                 self._flush()
         return len(data)
 

@@ -13,20 +13,29 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from airgap import hashing
 from airgap.bundle import FileSink, Sink, prepare_entry, read_head, read_payload, write_bundle
 from airgap.errors import AirgapError, IntegrityError
-from airgap.hashing import PIPELINE_MIN_BYTES
 from airgap.manifest import FileEntry, Manifest
 from airgap.trust import sign
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
-BIG = PIPELINE_MIN_BYTES + 4321  # read ahead and written behind in threads
+CHUNK = 64 << 10
+BIG = 5 * CHUNK + 4321  # above the pipeline threshold: read ahead and written behind in threads
 FILES = {
     "wheels/a.whl": os.urandom(3000),
     "notes.txt": b"compressible text " * 4000,
     "empty": b"",
     "models/m.gguf": b"GGUF" + os.urandom(BIG - 4),
 }
+
+
+@pytest.fixture(autouse=True)
+def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same code paths with kilobytes instead of megabytes: the test process stays small."""
+    monkeypatch.setattr(hashing, "CHUNK_SIZE", CHUNK)
+    monkeypatch.setattr(hashing, "PIPELINE_MIN_BYTES", CHUNK + 1)
+    monkeypatch.setattr(hashing, "DIRECT_BUFFER_SIZE", 4 * 4096)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from airgap import hashing
 from airgap.hashing import (
-    CHUNK_SIZE,
     DIRECT_ALIGN,
-    DIRECT_BUFFER_SIZE,
     PIPELINE_DEPTH,
-    PIPELINE_MIN_BYTES,
     DirectFile,
     Prefetch,
     WriteBehind,
@@ -29,12 +27,23 @@ from airgap.hashing import (
     start_writeback,
 )
 
+CHUNK = 64 << 10
+BUFFER = 16 * DIRECT_ALIGN
+
+
+@pytest.fixture(autouse=True)
+def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same code paths with kilobytes instead of megabytes: the test process stays small."""
+    monkeypatch.setattr(hashing, "CHUNK_SIZE", CHUNK)
+    monkeypatch.setattr(hashing, "PIPELINE_MIN_BYTES", CHUNK + 1)
+    monkeypatch.setattr(hashing, "DIRECT_BUFFER_SIZE", BUFFER)
+
 
 def expected(data: bytes) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("size", [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, PIPELINE_MIN_BYTES + 12345])
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, 5 * CHUNK + 12345])
 def test_digest_file_matches_hashlib_small_and_pipelined(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     path = tmp_path / "f"
@@ -46,7 +55,7 @@ def test_digest_file_matches_hashlib_small_and_pipelined(tmp_path: Path, size: i
 
 
 def test_digest_files_keeps_input_order(tmp_path: Path) -> None:
-    blobs = [os.urandom(n) for n in (10, PIPELINE_MIN_BYTES + 1, 0, 5000)]
+    blobs = [os.urandom(n) for n in (10, 3 * CHUNK + 1, 0, 5000)]
     paths = []
     for i, blob in enumerate(blobs):
         paths.append(tmp_path / f"{i}")
@@ -146,7 +155,7 @@ def test_write_behind_abandon_drops_what_is_still_queued() -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 512, DIRECT_ALIGN + 7])
-@pytest.mark.parametrize("pieces", [[1], [DIRECT_ALIGN], [3, DIRECT_BUFFER_SIZE + 5], [DIRECT_BUFFER_SIZE, 1]])
+@pytest.mark.parametrize("pieces", [[1], [DIRECT_ALIGN], [3, BUFFER + 5, 100_000], [BUFFER, BUFFER, 1]])
 def test_direct_file_writes_exactly_the_bytes_at_the_offset(tmp_path: Path, offset: int, pieces: list[int]) -> None:
     path = tmp_path / "out"
     head = os.urandom(offset)
