@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
 
-from airgap.bundle import Head, Sink, read_head, read_payload
+from airgap.bundle import FileSink, Head, Sink, read_head, read_payload
 from airgap.errors import AirgapError, InstallError, PolicyError, TrustError
 from airgap.fsio import fsync_dir
 from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
@@ -172,25 +171,6 @@ def generation_id(manifest: Manifest, manifest_sha256: str) -> str:
     return f"{manifest.name}-{manifest.version}-{manifest_sha256[:12]}"
 
 
-class _StagingSink:
-    """Writes one file into staging; keeps it only if the reader verified it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.handle: BinaryIO = path.open("wb")
-
-    def write(self, chunk: bytes, /) -> object:
-        return self.handle.write(chunk)
-
-    def close(self, ok: bool) -> None:
-        if ok:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-        self.handle.close()
-        if not ok:
-            self.path.unlink(missing_ok=True)
-
-
 def install_bundle(
     path: Path, prefix: Path, trust: TrustPolicy | None = None, overrides: Overrides = NO_OVERRIDES,
     clock: datetime | None = None, progress: bool = True, python: str = sys.executable,
@@ -305,7 +285,7 @@ def _stage(tar: object, head: Head, gate_for: Callable[[SinkFactory], TrustGate]
         if store_path(prefix, entry.sha256).is_file() or (staging / entry.sha256).is_file():
             return None
         written += entry.size
-        return _StagingSink(staging / entry.sha256)
+        return FileSink(staging / entry.sha256)
 
     gate = gate_for(open_sink)
     stored = sum(e.stored_size for e in manifest.carried_files)

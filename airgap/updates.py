@@ -17,12 +17,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from airgap.bundle import (
-    BLOCK,
     Head,
     PayloadFile,
-    _head_size,
-    _write_head,
-    _write_member,
     add_signatures,
     read_head,
     read_head_from_path,
@@ -139,35 +135,7 @@ def pack(
         return write_bundle(out_path, draft, payload, sign_manifest, progress)
     draft = replace(draft, base=base_ref(base, draft))
     carried, absent = plan_drop(payload, base.manifest)
-    return write_drop(out_path, draft, carried, absent, sign_manifest, progress)
-
-
-def write_drop(
-    out_path: Path, draft: Manifest, payload: Sequence[PayloadFile], absent: Sequence[FileEntry],
-    sign_manifest: SignManifest, progress: Callable[[int], object] | None = None,
-) -> Head:
-    """bundle.write_bundle, except that the manifest also lists the files the drop leaves out.
-
-    write_bundle builds the manifest's file list from the payload alone; until it keeps a draft's
-    absent entries, this twin does, with the same layout and the same head reservation.
-    """
-    mtime = int(draft.created.timestamp())
-    placeholder = replace(draft, files=(*(p.entry for p in payload), *absent)).with_sha256sums()
-    head_size = _head_size(placeholder, mtime)
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    try:
-        with tmp.open("wb") as out:
-            out.seek(head_size)
-            final_entries = [_write_member(out, item, mtime, progress) for item in payload]
-            out.write(bytes(2 * BLOCK))
-            manifest = replace(draft, files=(*final_entries, *absent)).with_sha256sums()
-            head = _write_head(out, manifest, sign_manifest, mtime, head_size)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return head
+    return write_bundle(out_path, draft, carried, sign_manifest, progress, absent)
 
 
 # ---------------------------------------------------------------- co-signing and making roots

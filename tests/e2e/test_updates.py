@@ -403,15 +403,14 @@ def test_no_trust_configured_is_refused_with_a_way_out(tmp_path: Path) -> None:
 def test_a_bundle_without_a_base_may_not_leave_files_out(world: World) -> None:
     from dataclasses import replace
 
-    from airgap.bundle import read_head_from_path
-    from airgap.updates import write_drop
+    from airgap.bundle import read_head_from_path, write_bundle
 
     full = bundle(world, "1.0.0")
     manifest = read_head_from_path(full).manifest
     entry = manifest.file(MODEL)
     cheat = world.folder / "cheat.airgap"
-    write_drop(cheat, replace(manifest, files=()), [], [replace(entry, storage="absent", stored_size=0)],
-               lambda data: [sign(data, world.a)])
+    write_bundle(cheat, replace(manifest, files=()), [], lambda data: [sign(data, world.a)],
+                 absent=[replace(entry, storage="absent", stored_size=0)])
     refused(world, cheat, FormatError, "names no base version")
 
 
