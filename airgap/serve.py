@@ -593,7 +593,13 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
 
 
 async def _serve_until_stopped(app: App, config: ServerConfig, listener: socket.socket) -> int:
+    import anyio.to_thread
     import uvicorn
+
+    # llama.cpp (built with OpenMP) gives each calling OS thread its own thread team. The stock server
+    # runs every request, and every streamed token, on whichever worker thread is free, so two teams end
+    # up fighting over the cores and decoding drops about 4x. One worker thread at a time: one team.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = 1
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
