@@ -51,3 +51,30 @@ def write_spec(folder: Path, *, name: str = "tiny-chat", version: str = "1.0.0",
         f'[python]\nrequirements = [{reqs}]\nfind_links = ["{wheelhouse}"]\n'
     )
     return spec
+
+
+def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name: str = "b", version: str = "1.0",
+                     expires_days: int = 1, models: tuple[object, ...] = ()) -> Path:
+    """A real signed bundle written in-process (no pip, no CLI): `.gguf` paths are models, the rest meta."""
+    from datetime import UTC, datetime, timedelta
+
+    from airgap.bundle import prepare_entry, write_bundle
+    from airgap.manifest import FileEntry, Manifest
+    from airgap.trust import sign
+
+    created = datetime(2026, 1, 2, tzinfo=UTC)
+    folder.mkdir(parents=True, exist_ok=True)
+    packed = folder / "packed"
+    packed.mkdir(exist_ok=True)
+    payload = []
+    for path, data in files.items():
+        source = folder / path.replace("/", "_")
+        source.write_bytes(data)
+        kind = "model" if path.endswith(".gguf") else "meta"
+        payload.append(prepare_entry(source, FileEntry(path, 0, "0" * 64, kind), packed))
+    draft = Manifest(name, version, created, created + timedelta(days=expires_days), "0.1.0",
+                     tuple(p.entry for p in payload), models=models)  # type: ignore[arg-type]
+    out = folder / f"{name}-{version}.airgap"
+    payload.sort(key=lambda p: p.entry.kind == "model")  # small files first, as `airgap build` orders them
+    write_bundle(out, draft, payload, lambda data: [sign(data, key)])  # type: ignore[arg-type]
+    return out

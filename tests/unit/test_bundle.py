@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,32 +14,19 @@ from airgap.bundle import (
     SIGNATURES_MEMBER,
     add_signatures,
     member_bytes,
-    prepare_entry,
     read_head,
     read_payload,
-    write_bundle,
 )
 from airgap.errors import AirgapError, FormatError, IntegrityError
-from airgap.manifest import FileEntry, Manifest
+from airgap.manifest import Manifest
 from airgap.trust import TrustPolicy, key_id, sign
+from tests.support import make_test_bundle
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 
 
 def make_bundle(tmp_path: Path, files: dict[str, bytes], key: Ed25519PrivateKey | None = None) -> Path:
-    key = key or Ed25519PrivateKey.generate()
-    packed = tmp_path / "packed"
-    packed.mkdir(exist_ok=True)
-    payload = []
-    for name, data in files.items():
-        src = tmp_path / name.replace("/", "_")
-        src.write_bytes(data)
-        kind = "model" if name.endswith(".gguf") else "meta"
-        payload.append(prepare_entry(src, FileEntry(name, 0, "0" * 64, kind), packed))  # type: ignore[arg-type]
-    draft = Manifest("b", "1.0", NOW, NOW + timedelta(days=1), "0.1.0", tuple(p.entry for p in payload))
-    out = tmp_path / "b-1.0.airgap"
-    write_bundle(out, draft, payload, lambda data: [sign(data, key)])
-    return out
+    return make_test_bundle(tmp_path, files, key or Ed25519PrivateKey.generate())
 
 
 FILES = {"models/m.gguf": b"GGUF" + bytes(range(256)) * 40, "notes.txt": b"compress me " * 1000, "empty": b""}

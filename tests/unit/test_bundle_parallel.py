@@ -7,17 +7,17 @@ import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap import hashing
-from airgap.bundle import FileSink, Sink, prepare_entry, read_head, read_payload, write_bundle
+from airgap.bundle import FileSink, Sink, read_head, read_payload
 from airgap.errors import AirgapError, IntegrityError
-from airgap.manifest import FileEntry, Manifest
-from airgap.trust import sign
+from airgap.manifest import FileEntry
+from tests.support import make_test_bundle
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 CHUNK = 64 << 10
@@ -40,19 +40,7 @@ def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    folder = tmp_path_factory.mktemp("parallel")
-    packed = folder / "packed"
-    packed.mkdir()
-    payload = []
-    for name, data in FILES.items():
-        src = folder / name.replace("/", "_")
-        src.write_bytes(data)
-        kind = "model" if name.endswith(".gguf") else "meta"
-        payload.append(prepare_entry(src, FileEntry(name, 0, "0" * 64, kind), packed))  # type: ignore[arg-type]
-    draft = Manifest("b", "1.0", NOW, NOW + timedelta(days=1), "0.1.0", tuple(p.entry for p in payload))
-    out = folder / "b.airgap"
-    key = Ed25519PrivateKey.generate()
-    write_bundle(out, draft, sorted(payload, key=lambda p: p.entry.kind == "model"), lambda d: [sign(d, key)])
+    out = make_test_bundle(tmp_path_factory.mktemp("parallel"), FILES, Ed25519PrivateKey.generate())
     return out.read_bytes()
 
 

@@ -10,16 +10,16 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from airgap.bundle import prepare_entry, read_head, read_payload, write_bundle
+from airgap.bundle import read_head, read_payload
 from airgap.errors import FormatError, VolumeError
-from airgap.manifest import FileEntry, Manifest, ModelEntry
-from airgap.trust import key_id, public_pem, sign
+from airgap.manifest import ModelEntry
+from airgap.trust import key_id, public_pem
 from airgap.volumes import (
     FAT_VOLUME_SIZE,
     auto_volume_size,
@@ -32,7 +32,7 @@ from airgap.volumes import (
     read_index,
     split_bundle,
 )
-from tests.support import REPO
+from tests.support import REPO, make_test_bundle
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 SEGMENT = 4096
@@ -56,18 +56,8 @@ def make_bundle(folder: Path, seed: int = 1, model_size: int = 300_000, key: Ed2
     rng = random.Random(seed)
     sources = {"models/tiny.gguf": b"GGUF" + rng.randbytes(model_size), "notes.txt": b"read me %d " % seed * 3000,
                "empty": b""}
-    packed = folder / "packed"
-    packed.mkdir(exist_ok=True)
-    payload = []
-    for path, data in sources.items():
-        src = folder / path.replace("/", "_")
-        src.write_bytes(data)
-        kind = "model" if path.endswith(".gguf") else "meta"
-        payload.append(prepare_entry(src, FileEntry(path, 0, "0" * 64, kind), packed))  # type: ignore[arg-type]
-    draft = Manifest(name, "1.0", NOW, NOW + timedelta(days=30), "0.1.0", tuple(p.entry for p in payload),
-                     models=(ModelEntry("tiny", ("models/tiny.gguf",)),))
-    out = folder / f"{name}-1.0.airgap"
-    write_bundle(out, draft, payload, lambda data: [sign(data, key)])
+    out = make_test_bundle(folder, sources, key, name=name, expires_days=30,
+                           models=(ModelEntry("tiny", ("models/tiny.gguf",)),))
     return Bundle(out, key)
 
 
