@@ -3,7 +3,7 @@
 # verify it, and install it into a temporary prefix with the network cut off (when root can do that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+AIRGAP_SETUP_NO_LLAMA=1 bash scripts/setup.sh  # the demo bundle carries no server: no compiler run
 . .venv/bin/activate
 work=$(mktemp -d /tmp/airgap-demo.XXXXXX)
 mkdir -p .cache/demo

@@ -23,6 +23,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # llama-cpp-python for the serving tests and benchmarks, built once by airgap's own cached builder
 # (the same GGML_NATIVE=OFF wheel that bundles carry), then installed offline from that wheel
-if ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1; then
+if [ -z "${AIRGAP_SETUP_NO_LLAMA:-}" ] && ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1; then
   .venv/bin/python scripts/dev_llama.py
 fi
