@@ -78,3 +78,35 @@ def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name
     payload.sort(key=lambda p: p.entry.kind == "model")  # small files first, as `airgap build` orders them
     write_bundle(out, draft, payload, lambda data: [sign(data, key)])  # type: ignore[arg-type]
     return out
+
+
+UNIT_WHEELHOUSES = Path(os.environ.get("AIRGAP_TEST_WHEELHOUSE",
+                                       Path.home() / ".cache" / "airgap-tests" / "wheels-unit"))
+
+
+def fill_wheelhouse(name: str, *args: str) -> Path:
+    """A folder of real binary wheels, downloaded by scripts/wheelhouse.py on first use only."""
+    import pytest
+
+    folder = UNIT_WHEELHOUSES / name
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "wheelhouse.py"), str(folder), *args],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"could not fill the test wheelhouse {folder} from the package registry: {done.stderr[-300:]}")
+    return folder
+
+
+def write_sdist(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A source distribution `<name>-<version>.tar.gz` holding `files` under its top folder."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for member, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-{version}/{member}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

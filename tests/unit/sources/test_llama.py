@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import subprocess
-import sys
-import tarfile
 import time
 import tomllib
 import zipfile
@@ -19,9 +15,7 @@ from packaging.utils import parse_wheel_filename
 from airgap.errors import ResolveError
 from airgap.sources import llama
 from airgap.sources.wheels import Pip, ResolvedWheel, resolve_wheels
-
-REPO = Path(__file__).resolve().parents[3]
-CACHE = Path(os.environ.get("AIRGAP_TEST_WHEELHOUSE", Path.home() / ".cache" / "airgap-tests" / "wheels-unit"))
+from tests.support import fill_wheelhouse, write_sdist
 
 # setup.py writes the CMAKE_ARGS it was built with into the package, proving the flags reach the build
 SETUP_PY = """\
@@ -35,15 +29,7 @@ setup(package_data={"flagged": ["flags.txt"]})
 
 @pytest.fixture(scope="session")
 def build_deps() -> Path:
-    folder = CACHE / "build-deps"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "wheelhouse.py"), str(folder), "-r", "setuptools>=61"],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"could not fill the test wheelhouse {folder} from the package registry: {done.stderr[-300:]}")
-    return folder
+    return fill_wheelhouse("build-deps", "-r", "setuptools>=61")
 
 
 @pytest.fixture
@@ -57,14 +43,7 @@ def sdist(tmp_path: Path) -> Path:
         "PKG-INFO": "Metadata-Version: 2.1\nName: flagged\nVersion: 2.0\n",
         "flagged/__init__.py": "",
     }
-    path = tmp_path / "flagged-2.0.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for member, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"flagged-2.0/{member}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return write_sdist(tmp_path, "flagged", "2.0", files)
 
 
 def build(sdist: Path, cache: Path, deps: Path, flags: dict[str, str]) -> llama.BuiltWheel:

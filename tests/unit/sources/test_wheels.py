@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import tomllib
 from pathlib import Path
 
@@ -18,21 +14,10 @@ from packaging.utils import parse_wheel_filename
 from airgap.errors import ResolveError
 from airgap.sources import llama
 from airgap.sources.wheels import Pip, ResolvedWheel, compatible_platforms, resolve_wheels
+from tests.support import fill_wheelhouse, write_sdist
 
-REPO = Path(__file__).resolve().parents[3]
-CACHE = Path(os.environ.get("AIRGAP_TEST_WHEELHOUSE", Path.home() / ".cache" / "airgap-tests" / "wheels-unit"))
 MANYLINUX = "manylinux_2_28_x86_64"
-
-
-def fill(name: str, *args: str) -> Path:
-    """A folder of real binary wheels, downloaded by the test-setup script on first use only."""
-    folder = CACHE / name
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "wheelhouse.py"), str(folder), *args], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"could not fill the test wheelhouse {folder} from the package registry: {done.stderr[-300:]}")
-    return folder
+fill = fill_wheelhouse
 
 
 @pytest.fixture(scope="session")
@@ -80,15 +65,7 @@ def make_sdist(folder: Path, name: str = "tinysrc", version: str = "1.0") -> Pat
         "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{name}/__init__.py": "VALUE = 42\n",
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{version}.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for member, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{name}-{version}/{member}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return write_sdist(folder, name, version, files)
 
 
 def test_resolves_dependencies_from_a_local_wheelhouse(base: Path, tmp_path: Path) -> None:
