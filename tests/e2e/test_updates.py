@@ -180,12 +180,18 @@ def test_untrusted_release_key_refused(world: World) -> None:
     refused(world, bundle(world, "1.1.0", signers=[world.root_key]), SignatureError, "found 0 valid")
 
 
-def test_fewer_signatures_than_the_threshold_refused_then_cosigned(tmp_path: Path) -> None:
+def two_person_world(tmp_path: Path) -> World:
+    """A host whose pinned root wants release signatures from both of two keys."""
     root_key, a, b = new_key(), new_key(), new_key()
     root = make_root(1, [root_key], [a, b], release_threshold=2)
     host = tmp_path / "host"
     trust_init(host, root.to_bytes(), clock=T0)
-    w = World(tmp_path, host, root_key, a, b, root)
+    return World(tmp_path, host, root_key, a, b, root)
+
+
+def test_fewer_signatures_than_the_threshold_refused_then_cosigned(tmp_path: Path) -> None:
+    w = two_person_world(tmp_path)
+    a, b, host = w.a, w.b, w.host
     one = bundle(w, "1.0.0", signers=[a])
     refused(w, one, SignatureError, r"expected valid signatures from 2 trusted key\(s\).*found 1 valid")
     cosign_bundle(one, [b])  # the second person signs in place, no rebuild
@@ -193,12 +199,8 @@ def test_fewer_signatures_than_the_threshold_refused_then_cosigned(tmp_path: Pat
 
 
 def test_the_same_key_counted_twice_refused(tmp_path: Path) -> None:
-    root_key, a, b = new_key(), new_key(), new_key()
-    root = make_root(1, [root_key], [a, b], release_threshold=2)
-    host = tmp_path / "host"
-    trust_init(host, root.to_bytes(), clock=T0)
-    w = World(tmp_path, host, root_key, a, b, root)
-    signed = bundle(w, "1.0.0", signers=[a])
+    w = two_person_world(tmp_path)
+    signed = bundle(w, "1.0.0", signers=[w.a])
     data = signed.read_bytes()
     one = head(signed).signatures[0]
     line = f"ed25519 {one.keyid} ".encode() + member_data(data, "signatures").split(one.keyid.encode() + b" ")[1][:88]
