@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol, cast
+from typing import Protocol, cast
 
 CHUNK_SIZE = 4 << 20  # amortises syscalls and queue hand-offs; a few of them in flight stay far below 100 MB
 PIPELINE_DEPTH = 2  # chunks a background reader or writer may run ahead of or behind the hasher
@@ -103,11 +103,6 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0  # digest_file reports the real error
-
-
-def copy_and_digest(source: Readable, target: BinaryIO, limit: int | None = None) -> Digest:
-    """Copy a stream into an open file while hashing it: one read of the data."""
-    return digest_chunks(iter_chunks(source, limit), target.write)
 
 
 # ---------------------------------------------------------------- pipelining

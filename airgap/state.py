@@ -245,7 +245,3 @@ def prefix_lock(prefix: Path) -> Iterator[None]:
         except BlockingIOError:
             raise InstallError(f"{prefix} is locked by another airgap process; try again when it finishes") from None
         yield
-
-
-def now_text(clock: datetime) -> str:
-    return format_time(clock)
