@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-MAIN_VENV = Path("/work/main/.venv")
+# The virtualenv running the tests (scripts/test.sh uses the checkout's own .venv), wherever it lies.
+TEST_VENV = Path(sys.prefix)
 
 TINY_CONTEXT = 4096
 TINY_LAYERS = 2
@@ -124,7 +126,7 @@ class FakeInstall:
 
 
 def make_installed_prefix(
-    root: Path, model_ids: tuple[str, ...] = ("tiny-chat",), venv: Path = MAIN_VENV,
+    root: Path, model_ids: tuple[str, ...] = ("tiny-chat",), venv: Path = TEST_VENV,
 ) -> FakeInstall:
     """Lay out P/versions/g1 + P/current the way `airgap install` does, with models symlinked from P/store."""
     from airgap.hashing import digest_file
@@ -158,7 +160,7 @@ def make_installed_prefix(
     return FakeInstall(prefix=prefix, model_ids=model_ids)
 
 
-def overlay_venv(root: Path, venv: Path = MAIN_VENV) -> Path:
+def overlay_venv(root: Path, venv: Path = TEST_VENV) -> Path:
     """A venv that imports this checkout's airgap first and everything else from `venv`.
 
     Stands in for the installed venv (which has airgap itself installed) where a test must not pass

@@ -109,7 +109,7 @@ def test_gpu_support_is_read_from_the_venv_libraries(tmp_path: Path) -> None:
     assert not runtime_supports_gpu(tmp_path)
     (lib / "libggml-cuda.so").touch()
     assert runtime_supports_gpu(tmp_path)
-    assert not runtime_supports_gpu(support.MAIN_VENV)  # this machine's build is CPU only
+    assert not runtime_supports_gpu(support.TEST_VENV)  # this machine's build is CPU only
 
 
 def test_plan_for_plans_every_model(install: support.FakeInstall) -> None:
