@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import airgap
 from airgap.bundle import prepare_entry, scratch_dir
-from airgap.errors import SpecError
+from airgap.errors import MissingDependencyError, SpecError
 from airgap.hashing import digest_file
 from airgap.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
 from airgap.progress import byte_progress
@@ -59,6 +60,7 @@ def bundle_filename(name: str, version: str) -> str:
 
 def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: BuildOptions) -> Path:
     """Build `<out_dir>/<name>-<version>.airgap` from a spec, signed by every key in `signers`."""
+    _check_build_extra(spec)
     created = creation_time(options.created)
     base = read_base(options.base) if options.base is not None else None
     roots = load_roots(options.roots)
@@ -93,6 +95,18 @@ def build_bundle(spec: Spec, signers: Sequence[Ed25519PrivateKey], options: Buil
             pack(out, draft, [*root_payload(roots, work), *payload], lambda data: [sign(data, k) for k in signers],
                  base, advance)
     return out
+
+
+def _check_build_extra(spec: Spec) -> None:
+    """The core install verifies, installs and serves; reading GGUF files and the hub needs `airgap[build]`."""
+    needed = {"gguf": "reading the models' GGUF metadata"} if spec.models else {}
+    if any(model.repo is not None for model in spec.models):
+        needed["huggingface_hub"] = "fetching models from the Hugging Face hub"
+    missing = [f"{module} (for {why})" for module, why in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"this spec needs {' and '.join(missing)}, which airgap's core install lacks; "
+            "install the build extra on the connected host: pip install 'airgap[build]'")
 
 
 def _check_release_keys(signers: Sequence[Ed25519PrivateKey], roots: Sequence[Root]) -> None:

@@ -51,6 +51,10 @@ class ResolveError(AirgapError):
     """Python requirements could not be resolved or fetched."""
 
 
+class MissingDependencyError(AirgapError):
+    """A Python package that this command needs (an optional extra of airgap) is not installed."""
+
+
 class FetchError(AirgapError):
     """A model or file could not be fetched from its source."""
 

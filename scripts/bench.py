@@ -41,8 +41,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WHEELHOUSE = Path.home() / ".cache" / "airgap-tests" / "wheelhouse"
-WHEELHOUSE_PACKAGES = ["click", "jinja2", "markupsafe", "cryptography", "cffi", "pycparser", "zstandard",
-                       "packaging", "tqdm", "numpy"]
+# The bench payload's wheels: airgap's own declared runtime dependencies (what every bundle carries), read
+# from its metadata so a new dependency needs no edit here, plus numpy as a large real wheel.
+EXTRA_PAYLOAD_WHEELS = ["numpy"]
 MiB = 1 << 20
 GROUPS = ("build", "verify", "install")
 
@@ -169,16 +170,14 @@ def make_model(path: Path, size: int) -> Path:
 
 
 def ensure_wheelhouse(folder: Path) -> list[Path]:
-    wheels = sorted(folder.glob("*.whl"))
-    names = {w.name.split("-")[0].lower() for w in wheels}
-    missing = [p for p in WHEELHOUSE_PACKAGES if p not in names]
-    if missing:
-        print(f"filling the wheelhouse {folder} with pip download ({', '.join(missing)})", file=sys.stderr)
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:",
-                        "-d", str(folder), *WHEELHOUSE_PACKAGES], check=True)
-        wheels = sorted(folder.glob("*.whl"))
-    return wheels
+    """The wheels of airgap's runtime dependencies and EXTRA_PAYLOAD_WHEELS, downloaded once by wheelhouse.py."""
+    from airgap.sources.selfwheel import runtime_requirements
+
+    wanted = [*runtime_requirements(), *EXTRA_PAYLOAD_WHEELS]
+    print(f"wheelhouse {folder}: {' '.join(wanted)}", file=sys.stderr)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "wheelhouse.py"), str(folder), "-r", *wanted],
+                   check=True, stdout=subprocess.DEVNULL)
+    return sorted(folder.glob("*.whl"))
 
 
 @dataclass(frozen=True)

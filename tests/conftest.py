@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, WHEELHOUSE_REQUIREMENTS, airgap, write_spec
+from tests.support import REPO, airgap, runtime_wheelhouse, write_spec
 
 CACHE = Path.home() / ".cache" / "airgap-tests"
 
@@ -16,15 +16,7 @@ CACHE = Path.home() / ".cache" / "airgap-tests"
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
     """Binary wheels of airgap's runtime dependencies, downloaded once from the package registry."""
-    folder = CACHE / "wheelhouse"
-    marker = folder / ".complete"
-    wanted = "\n".join(sorted(WHEELHOUSE_REQUIREMENTS))
-    if not marker.exists() or marker.read_text() != wanted:
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary", ":all:",
-                        "-d", str(folder), *WHEELHOUSE_REQUIREMENTS], check=True)
-        marker.write_text(wanted)
-    return folder
+    return runtime_wheelhouse(CACHE / "wheelhouse")
 
 
 @pytest.fixture(scope="session")

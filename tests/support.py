@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WHEELHOUSE_REQUIREMENTS = ["click", "jinja2", "markupsafe", "cryptography", "cffi", "pycparser", "zstandard",
-                           "packaging", "tqdm", "zfec"]
 
 
 def offline(command: list[str]) -> list[str]:
@@ -82,6 +80,19 @@ def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name
 
 UNIT_WHEELHOUSES = Path(os.environ.get("AIRGAP_TEST_WHEELHOUSE",
                                        Path.home() / ".cache" / "airgap-tests" / "wheels-unit"))
+
+
+def runtime_wheelhouse(folder: Path) -> Path:
+    """Binary wheels of airgap's own declared runtime dependencies (and theirs), as every bundle carries them.
+
+    The list comes from airgap's metadata, the same one `airgap build` resolves, so a dependency added to
+    pyproject.toml reaches the test wheelhouse with no copy to update. Fails loudly: a bundle needs it.
+    """
+    from airgap.sources.selfwheel import runtime_requirements
+
+    subprocess.run([sys.executable, str(REPO / "scripts" / "wheelhouse.py"), str(folder), "-r",
+                    *runtime_requirements()], check=True, stdout=subprocess.DEVNULL)
+    return folder
 
 
 def fill_wheelhouse(name: str, *args: str) -> Path:
