@@ -101,7 +101,22 @@ def test_unsigned_bundle(built: Built, installed: Path, bundle_copy: Path) -> No
 
 
 def test_signature_from_other_key_in_trusted_slot(built: Built, bundle_copy: Path, tmp_path: Path) -> None:
-    """A wrong signature: the manifest changed after signing (a flipped byte in the manifest)."""
+    """A valid signature over the exact manifest bytes, by a stranger's key, filed under the trusted key's id."""
+    from airgap.keys import read_private_key
+    from airgap.trust import Signature, sign
+
+    stranger = make_keys(tmp_path, "stranger")
+    head = read_head_from_path(bundle_copy)
+    (trusted_id,) = {s.keyid for s in head.signatures}
+    forged = sign(head.manifest_bytes, read_private_key(stranger.private, None))
+    with bundle_copy.open("r+b") as out:
+        out.seek(head.signatures_offset)
+        out.write(encode_signatures([Signature(trusted_id, forged.value)]))
+    assert read_head_from_path(bundle_copy).signatures[0].keyid == trusted_id
+    assert_refused(airgap("verify", bundle_copy, "--trust", built.keys.public), "found 0 valid")
+
+
+def test_manifest_changed_after_signing(built: Built, bundle_copy: Path) -> None:
     data = bytearray(bundle_copy.read_bytes())
     at = data.index(b'"name": "tiny-chat"')
     data[at + 9] = ord("T")

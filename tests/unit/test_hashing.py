@@ -157,12 +157,25 @@ def test_direct_file_writes_exactly_the_bytes_at_the_offset(tmp_path: Path, offs
     chunks = [os.urandom(n) for n in pieces]
     with path.open("r+b") as out:
         writer = DirectFile(path, out.fileno(), offset)
+        if accepts_o_direct(tmp_path):
+            assert writer.direct is not None, "the file system takes O_DIRECT but DirectFile did not use it"
         with WriteBehind(writer.write) as behind:
             for chunk in chunks:
                 behind.write(chunk)
         writer.finish()
         os.fsync(out.fileno())
     assert path.read_bytes() == head + b"".join(chunks)
+
+
+def accepts_o_direct(folder: Path) -> bool:
+    probe = folder / ".o-direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
 
 
 def run_in_private_mount(tmp_path: Path, fstype: str, options: str, script: str) -> str:
