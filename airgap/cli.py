@@ -65,7 +65,7 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
 
 
 def _passphrase(confirm: bool) -> bytes:
-    from airgap.keys import PASSPHRASE_ENV
+    from airgap.trust.keyfiles import PASSPHRASE_ENV
 
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
@@ -84,7 +84,7 @@ def _passphrase(confirm: bool) -> bytes:
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 def keygen(stem: Path, no_passphrase: bool, force: bool) -> None:
     """Make an Ed25519 signing key: STEM.key (private, 0600) and STEM.pub (public, PEM)."""
-    from airgap.keys import write_keypair
+    from airgap.trust.keyfiles import write_keypair
 
     files = write_keypair(stem, None if no_passphrase else _passphrase(confirm=True), overwrite=force)
     click.echo(f"wrote {files.private} (private, keep it off the isolated hosts) and {files.public}")
@@ -92,7 +92,7 @@ def keygen(stem: Path, no_passphrase: bool, force: bool) -> None:
 
 
 def _signing_key(path: Path) -> Any:
-    from airgap.keys import key_is_encrypted, read_private_key
+    from airgap.trust.keyfiles import key_is_encrypted, read_private_key
 
     return read_private_key(path, _passphrase(confirm=False) if key_is_encrypted(path) else None)
 
@@ -118,8 +118,8 @@ def _signing_key(path: Path) -> Any:
 def build(spec: Path, keys: tuple[Path, ...], out_dir: Path, upgrade: bool, hub_endpoint: str | None,
           base: Path | None, roots: tuple[Path, ...], expires_days: int | None, quiet: bool) -> None:
     """Fetch what SPEC names, pin it and pack one signed bundle. Prints the bundle's path last."""
-    from airgap.build import BuildOptions, build_bundle
-    from airgap.spec import load_spec
+    from airgap.build.builder import BuildOptions, build_bundle
+    from airgap.build.spec import load_spec
 
     signers = [_signing_key(k) for k in keys]
     options = BuildOptions(out_dir=out_dir, upgrade=upgrade, progress=not quiet, hub_endpoint=hub_endpoint,
@@ -133,7 +133,7 @@ def build(spec: Path, keys: tuple[Path, ...], out_dir: Path, upgrade: bool, hub_
               help="Private key to add a signature with; repeat for several.")
 def sign(file: Path, keys: tuple[Path, ...]) -> None:
     """Co-sign a bundle (in place, no rebuild; its files are checked first) or a root file."""
-    from airgap.updates import cosign_bundle, cosign_root, is_root_file, missing_signatures
+    from airgap.bundle.drops import cosign_bundle, cosign_root, is_root_file, missing_signatures
 
     signers = [_signing_key(k) for k in keys]
     if is_root_file(file):
@@ -173,9 +173,9 @@ def trust_create(out: Path, version: int, root_keys: tuple[Path, ...], root_thre
     """Write root file OUT; co-sign it later with `airgap sign OUT --key ...`."""
     from datetime import UTC, datetime, timedelta
 
-    from airgap.keys import read_public_key
-    from airgap.roots import DEFAULT_ROOT_EXPIRES_DAYS
-    from airgap.updates import create_root, missing_signatures, write_root_file
+    from airgap.bundle.drops import create_root, missing_signatures, write_root_file
+    from airgap.trust.keyfiles import read_public_key
+    from airgap.trust.roots import DEFAULT_ROOT_EXPIRES_DAYS
 
     expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=expires_days or DEFAULT_ROOT_EXPIRES_DAYS)
     root = create_root(version, [read_public_key(k) for k in root_keys], root_threshold,
@@ -192,7 +192,7 @@ def trust_create(out: Path, version: int, root_keys: tuple[Path, ...], root_thre
 @click.option("--force", is_flag=True, help="Replace a different root already pinned (an out-of-band decision).")
 def trust_init(root_file: Path, prefix: Path, force: bool) -> None:
     """Pin ROOT_FILE as this host's trusted root (once, out of band); later roots come inside bundles."""
-    from airgap.install import trust_init as pin
+    from airgap.prefix.install import trust_init as pin
 
     try:
         data = root_file.read_bytes()
@@ -210,8 +210,8 @@ def trust_init(root_file: Path, prefix: Path, force: bool) -> None:
 @json_option
 def inspect(bundle: Path, as_json: bool) -> None:
     """Show what a bundle holds (reads only its head; checks nothing: use verify)."""
-    from airgap.bundle import read_head
-    from airgap.install import open_bundle
+    from airgap.bundle.container import read_head
+    from airgap.prefix.install import open_bundle
 
     with open_bundle(bundle) as stream:
         head, _ = read_head(stream)
@@ -235,15 +235,15 @@ def _echo_repairs(repairs: tuple[str, ...], as_json: bool) -> None:
 
 
 def _overrides(allow_downgrade: bool = False, allow_expired: bool = False) -> Any:
-    from airgap.policy import Overrides
+    from airgap.trust.acceptance import Overrides
 
     return Overrides(allow_downgrade=allow_downgrade, allow_expired=allow_expired)
 
 
 def _anchor(trust_keys: tuple[Path, ...], prefix: Path) -> Any:
     """--trust keys if given, else the root pinned under --prefix."""
-    from airgap.install import pinned_root
-    from airgap.keys import trust_from_files
+    from airgap.prefix.install import pinned_root
+    from airgap.trust.keyfiles import trust_from_files
 
     return trust_from_files(list(trust_keys)) if trust_keys else pinned_root(prefix)
 
@@ -259,7 +259,7 @@ def verify(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_expir
            quiet: bool) -> None:
     """Check a bundle's signatures (--trust keys, else the root pinned under --prefix) and every file's size
     and SHA-256, reading it once."""
-    from airgap.install import verify_bundle
+    from airgap.prefix.install import verify_bundle
 
     report = verify_bundle(bundle, _anchor(trust_keys, prefix),
                            overrides=_overrides(allow_expired=allow_expired), progress=not quiet and not as_json)
@@ -282,8 +282,8 @@ def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_down
     """Verify BUNDLE while unpacking it, install it under PREFIX and make it active atomically.
 
     Trust: --trust keys if given, else the root pinned under PREFIX (`airgap trust init`)."""
-    from airgap.install import install_bundle
-    from airgap.keys import trust_from_files
+    from airgap.prefix.install import install_bundle
+    from airgap.trust.keyfiles import trust_from_files
 
     trust = trust_from_files(list(trust_keys)) if trust_keys else None
     report = install_bundle(bundle, prefix, trust, _overrides(allow_downgrade, allow_expired), progress=not quiet)
@@ -301,7 +301,7 @@ def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_down
 @json_option
 def status(prefix: Path, as_json: bool) -> None:
     """Show installed versions, which one is active, and its models."""
-    from airgap.install import installed_state
+    from airgap.prefix.install import installed_state
 
     state = installed_state(prefix)
     lines = []
@@ -321,7 +321,7 @@ def status(prefix: Path, as_json: bool) -> None:
 @click.option("--to", "to_version", default=None, help="Installed version to return to (default: the previous).")
 def rollback(prefix: Path, to_version: str | None) -> None:
     """Return to the previously active installed version (one atomic switch)."""
-    from airgap.install import rollback as do_rollback
+    from airgap.prefix.install import rollback as do_rollback
 
     old, new = do_rollback(prefix, to_version)
     click.echo(f"rolled back from {old.name} {old.version} to {new.name} {new.version}")

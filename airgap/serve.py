@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from airgap.errors import FormatError, ServeError
+from airgap.format.manifest import Manifest, parse_manifest
 from airgap.host import HostInfo, probe_host
-from airgap.manifest import Manifest, parse_manifest
 from airgap.plan import NO_OVERRIDES, ModelShape, Overrides, Plan, make_plan
 
 DEFAULT_HOST = "127.0.0.1"

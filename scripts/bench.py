@@ -80,8 +80,8 @@ from airgap.cli import main
 main()
 """
 PHASES = {
-    "build": "airgap.build:resolve_wheels:pip_resolve_s",
-    "install": "airgap.install:_install_wheels:venv_pip_s",
+    "build": "airgap.build.builder:resolve_wheels:pip_resolve_s",
+    "install": "airgap.prefix.install:_install_wheels:venv_pip_s",
     "verify": "",
 }
 
@@ -171,7 +171,7 @@ def make_model(path: Path, size: int) -> Path:
 
 def ensure_wheelhouse(folder: Path) -> list[Path]:
     """The wheels of airgap's runtime dependencies and EXTRA_PAYLOAD_WHEELS, downloaded once by wheelhouse.py."""
-    from airgap.sources.selfwheel import runtime_requirements
+    from airgap.build.sources.selfwheel import runtime_requirements
 
     wanted = [*runtime_requirements(), *EXTRA_PAYLOAD_WHEELS]
     print(f"wheelhouse {folder}: {' '.join(wanted)}", file=sys.stderr)

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from airgap.sources.wheels import resolve_wheels
+from airgap.build.sources.wheels import resolve_wheels
 
 REQUIREMENT = "llama-cpp-python[server]==0.3.36"
 

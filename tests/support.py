@@ -56,9 +56,9 @@ def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name
     """A real signed bundle written in-process (no pip, no CLI): `.gguf` paths are models, the rest meta."""
     from datetime import UTC, datetime, timedelta
 
-    from airgap.bundle import prepare_entry, write_bundle
-    from airgap.manifest import FileEntry, Manifest
-    from airgap.trust import sign
+    from airgap.bundle.container import prepare_entry, write_bundle
+    from airgap.format.manifest import FileEntry, Manifest
+    from airgap.trust.signing import sign
 
     created = datetime(2026, 1, 2, tzinfo=UTC)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def runtime_wheelhouse(folder: Path) -> Path:
     The list comes from airgap's metadata, the same one `airgap build` resolves, so a dependency added to
     pyproject.toml reaches the test wheelhouse with no copy to update. Fails loudly: a bundle needs it.
     """
-    from airgap.sources.selfwheel import runtime_requirements
+    from airgap.build.sources.selfwheel import runtime_requirements
 
     subprocess.run([sys.executable, str(REPO / "scripts" / "wheelhouse.py"), str(folder), "-r",
                     *runtime_requirements()], check=True, stdout=subprocess.DEVNULL)

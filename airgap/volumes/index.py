@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from airgap.errors import FormatError, VolumeError
-from airgap.hashing import digest_bytes
-from airgap.manifest import JsonObject
+from airgap.format.manifest import JsonObject
+from airgap.streams.pipeline import digest_bytes
 
 INDEX_TYPE = "airgap/volumes"
 INDEX_FORMAT = 1

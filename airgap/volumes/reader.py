@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from airgap.bundle import read_head
+from airgap.bundle.container import read_head
 from airgap.errors import AirgapError, VolumeError
-from airgap.hashing import CHUNK_SIZE, iter_chunks
-from airgap.parity import ParityCode
+from airgap.streams.pipeline import CHUNK_SIZE, iter_chunks
 from airgap.volumes.fsutil import describe_os_error
 from airgap.volumes.index import (
     DEFAULT_INDEX_LIMITS,
@@ -35,6 +34,7 @@ from airgap.volumes.index import (
     index_name,
     read_index,
 )
+from airgap.volumes.parity import ParityCode
 
 
 @dataclass(frozen=True)

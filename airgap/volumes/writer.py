@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from airgap.bundle import Head, read_head
+from airgap.bundle.container import Head, read_head
 from airgap.errors import VolumeError
-from airgap.fsio import fsync_dir, write_atomic
-from airgap.hashing import CHUNK_SIZE, iter_chunks
-from airgap.manifest import format_time
-from airgap.parity import ParityCode, check_share_count, stripe_size_for
+from airgap.format.manifest import format_time
 from airgap.progress import byte_progress
+from airgap.streams.atomic import fsync_dir, write_atomic
+from airgap.streams.pipeline import CHUNK_SIZE, iter_chunks
 from airgap.templates import render
 from airgap.volumes.fsutil import (
     FAT_MAX_FILE,
@@ -47,6 +46,7 @@ from airgap.volumes.index import (
     recovery_name,
     volume_name,
 )
+from airgap.volumes.parity import ParityCode, check_share_count, stripe_size_for
 from airgap.volumes.reader import BundleStream, locate_bundle, open_bundle
 
 README_NAME = "README.txt"

@@ -129,8 +129,8 @@ def make_installed_prefix(
     root: Path, model_ids: tuple[str, ...] = ("tiny-chat",), venv: Path = TEST_VENV,
 ) -> FakeInstall:
     """Lay out P/versions/g1 + P/current the way `airgap install` does, with models symlinked from P/store."""
-    from airgap.hashing import digest_file
-    from airgap.manifest import FileEntry, Manifest, ModelEntry
+    from airgap.format.manifest import FileEntry, Manifest, ModelEntry
+    from airgap.streams.pipeline import digest_file
 
     prefix = root / "prefix"
     version = prefix / "versions" / "g1"

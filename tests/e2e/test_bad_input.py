@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from airgap.bundle import read_head_from_path
-from airgap.trust import encode_signatures
+from airgap.bundle.container import read_head_from_path
+from airgap.trust.signing import encode_signatures
 from tests.conftest import Built, KeyPair, make_keys
 from tests.support import REPO, Result, airgap, offline, write_spec
 
@@ -102,8 +102,8 @@ def test_unsigned_bundle(built: Built, installed: Path, bundle_copy: Path) -> No
 
 def test_signature_from_other_key_in_trusted_slot(built: Built, bundle_copy: Path, tmp_path: Path) -> None:
     """A valid signature over the exact manifest bytes, by a stranger's key, filed under the trusted key's id."""
-    from airgap.keys import read_private_key
-    from airgap.trust import Signature, sign
+    from airgap.trust.keyfiles import read_private_key
+    from airgap.trust.signing import Signature, sign
 
     stranger = make_keys(tmp_path, "stranger")
     head = read_head_from_path(bundle_copy)

@@ -13,7 +13,7 @@ from tests.support import write_spec
 
 @pytest.mark.slow
 def test_build_without_the_build_extra_names_the_extra(tmp_path: Path, wheelhouse: Path, tiny_model: Path) -> None:
-    from airgap.sources.selfwheel import build_self_wheel
+    from airgap.build.sources.selfwheel import build_self_wheel
 
     own_wheel = build_self_wheel(tmp_path / "self")
     venv = tmp_path / "core"

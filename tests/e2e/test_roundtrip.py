@@ -90,7 +90,7 @@ def test_encrypted_key_needs_passphrase(tmp_path: Path, tiny_model: Path, wheelh
 
 def test_airgap_packs_its_own_wheel_never_one_from_an_index(built: Built, tmp_path: Path, tiny_model: Path,
                                                              wheelhouse: Path, keys: KeyPair) -> None:
-    from airgap.sources.selfwheel import build_self_wheel
+    from airgap.build.sources.selfwheel import build_self_wheel
 
     files = json.loads(airgap("inspect", built.bundle, "--json").stdout)["files"]
     own = [f for f in files if f["path"].startswith("wheels/airgap-")]

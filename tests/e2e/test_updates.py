@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from airgap.bundle.drops import cosign_bundle
 from airgap.errors import AirgapError, FormatError, IntegrityError, PolicyError, SignatureError, TrustError
-from airgap.install import rollback, trust_init
-from airgap.manifest import BaseRef
-from airgap.policy import Overrides
-from airgap.roots import Root
-from airgap.trust import SIGNATURES_BLOCK_SIZE, encode_signatures, key_id, public_pem, sign
-from airgap.updates import cosign_bundle
+from airgap.format.manifest import BaseRef
+from airgap.prefix.install import rollback, trust_init
+from airgap.trust.acceptance import Overrides
+from airgap.trust.roots import Root
+from airgap.trust.signing import SIGNATURES_BLOCK_SIZE, encode_signatures, key_id, public_pem, sign
 from tests.e2e.update_support import (
     REPO,
     T0,
@@ -405,7 +405,7 @@ def test_no_trust_configured_is_refused_with_a_way_out(tmp_path: Path) -> None:
 def test_a_bundle_without_a_base_may_not_leave_files_out(world: World) -> None:
     from dataclasses import replace
 
-    from airgap.bundle import read_head_from_path, write_bundle
+    from airgap.bundle.container import read_head_from_path, write_bundle
 
     full = bundle(world, "1.0.0")
     manifest = read_head_from_path(full).manifest
@@ -420,7 +420,7 @@ def test_a_bundle_without_a_base_may_not_leave_files_out(world: World) -> None:
 
 @pytest.mark.skipif(not all(map(shutil.which, ("jq", "openssl", "zstd"))), reason="needs jq, openssl and zstd")
 def test_root_and_drop_verified_by_hand_with_the_documented_recipes(world: World, tmp_path: Path) -> None:
-    from tests.unit.test_roots import root_recipe
+    from tests.unit.trust.test_roots import root_recipe
 
     drop = bundle(world, "1.1.0", base=bundle(world, "1.0.0"))
     pub = tmp_path / "root.pub"
@@ -449,7 +449,7 @@ _KILLER = """
 import os, signal, sys
 from datetime import datetime
 from pathlib import Path
-import airgap.install as installer
+import airgap.prefix.install as installer
 step = sys.argv[3]
 def reached(name):
     if name == step:

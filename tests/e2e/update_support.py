@@ -1,6 +1,6 @@
 """Helpers for update tests: keys, roots and bundles made in-process (no wheels, no venv), hosts, tampering.
 
-Bundles are written by the same code `airgap build` uses (airgap.updates.pack: roots first, drops
+Bundles are written by the same code `airgap build` uses (airgap.bundle.drops.pack: roots first, drops
 against a base), from hand-made manifests holding model and meta files only, so an install needs no
 virtualenv and each test stays well under a second.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from airgap.bundle import BLOCK, Head, prepare_entry, read_head_from_path
-from airgap.install import InstallReport, install_bundle
-from airgap.keys import write_keypair
-from airgap.manifest import FileEntry, Manifest, ModelEntry
-from airgap.policy import NO_OVERRIDES, Overrides
-from airgap.roots import Root
-from airgap.trust import TrustPolicy, sign
-from airgap.updates import create_root, pack, root_payload
+from airgap.bundle.container import BLOCK, Head, prepare_entry, read_head_from_path
+from airgap.bundle.drops import create_root, pack, root_payload
+from airgap.format.manifest import FileEntry, Manifest, ModelEntry
+from airgap.prefix.install import InstallReport, install_bundle
+from airgap.trust.acceptance import NO_OVERRIDES, Overrides
+from airgap.trust.keyfiles import write_keypair
+from airgap.trust.roots import Root
+from airgap.trust.signing import TrustPolicy, sign
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2030, 1, 1, tzinfo=UTC)  # every test runs on its own calendar, never the machine's clock

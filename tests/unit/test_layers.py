@@ -1,5 +1,10 @@
-"""The architecture rules, checked: imports point down, each third-party library behind one module,
-and the offline path (verify, install, serve) never loads the fetching code."""
+"""The architecture rules, checked at package level: each rule reads "package A never imports package B".
+
+Packages (and the few top-level modules that stand alone) sit in layers; a module may import only from its
+own package and the packages its layer lists below. Each third-party library lives behind one module, the
+offline path (verify, install, serve) never loads the build side, and a module that calls itself pure does
+no I/O.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,40 @@ import pytest
 from tests.support import REPO
 
 PACKAGE = REPO / "airgap"
-OWNERS = {"huggingface_hub": {"sources/hf.py"}, "click": {"cli.py"}, "jinja2": {"templates.py"},
-          "llama_cpp": {"serve.py", "serve_app.py"}, "gguf": {"sources/gguf_meta.py"}, "zfec": {"parity.py"}}
-OFFLINE = ["airgap.install", "airgap.bundle", "airgap.trust", "airgap.manifest", "airgap.cli"]
+SHARED = {"airgap", "errors"}  # the package root (its version) and the error root: everyone may use them
+MAY_IMPORT: dict[str, set[str]] = {
+    "format": set(),
+    "streams": set(),
+    "progress": set(),
+    "templates": set(),
+    "trust": {"format"},
+    "bundle": {"format", "trust", "streams"},
+    "volumes": {"format", "streams", "bundle", "progress", "templates"},
+    "prefix": {"format", "trust", "streams", "bundle", "volumes", "progress"},
+    "host": set(),
+    "plan": {"host"},
+    "serve": {"format", "host", "plan", "templates"},
+    "build": {"format", "trust", "streams", "bundle", "progress"},
+    "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "host", "plan", "serve", "build",
+            "progress", "templates"},
+    "__main__": {"cli"},
+}
+OWNERS = {"cryptography": ("trust",), "huggingface_hub": ("build/sources/hf.py",),
+          "gguf": ("build/sources/gguf_meta.py",), "click": ("cli.py",), "jinja2": ("templates.py",),
+          "zfec": ("volumes/parity.py",), "zstandard": ("bundle",), "llama_cpp": ("serve.py",),
+          "tqdm": ("progress.py", "build/sources/hf.py")}  # hf.py quiets huggingface_hub's own tqdm
+OFFLINE = ["format", "trust", "streams", "bundle", "volumes", "prefix", "serve", "cli"]
+BUILD_SIDE = ("airgap.build", "huggingface_hub", "gguf")
+IO_MODULES = {"os", "subprocess", "shutil", "socket", "pathlib", "io", "tempfile", "fcntl"}
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def package_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -28,28 +64,63 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def airgap_packages(path: Path) -> set[str]:
+    found = set()
+    for module in imported_modules(path):
+        parts = module.split(".")
+        if parts[0] == "airgap":
+            found.add(parts[1] if len(parts) > 1 else "airgap")
+    return found
+
+
+def test_every_package_has_a_layer() -> None:
+    assert {package_of(p) for p in modules()} - SHARED - {"__init__"} <= set(MAY_IMPORT)
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_package_imports_only_the_layers_below(package: str) -> None:
+    allowed = MAY_IMPORT[package] | SHARED | {package}
+    for path in modules():
+        if package_of(path) == package:
+            assert airgap_packages(path) <= allowed, (
+                f"{path.relative_to(REPO)} imports {sorted(airgap_packages(path) - allowed)}: {package} never "
+                f"imports those")
+
+
 @pytest.mark.parametrize("library", sorted(OWNERS))
 def test_each_library_lives_behind_one_module(library: str) -> None:
-    users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+    owners = OWNERS[library]
+    users = {str(p.relative_to(PACKAGE)) for p in modules()
              if any(m == library or m.startswith(library + ".") for m in imported_modules(p))}
-    assert users <= OWNERS[library], f"{library} imported outside its module: {users - OWNERS[library]}"
+    outside = {u for u in users if not any(u == o or u.startswith(o + "/") for o in owners)}
+    assert not outside, f"{library} imported outside {', '.join(owners)}: {sorted(outside)}"
 
 
-def test_pure_modules_do_no_io_imports() -> None:
-    for name in ("manifest.py", "trust.py", "policy.py"):
-        modules = imported_modules(PACKAGE / name)
-        assert not modules & {"os", "subprocess", "shutil", "socket", "pathlib", "airgap.sources"}, name
+def calls_itself_pure(path: Path) -> bool:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return package_of(path) == "format" or doc.startswith("Pure") or "\nPure" in doc or " Pure:" in doc
 
 
-def test_offline_path_never_loads_sources() -> None:
-    code = ("import sys; import " + ", ".join(OFFLINE) + "; "
-            "bad = [m for m in sys.modules if m.startswith(('airgap.sources', 'huggingface_hub', 'gguf'))]; "
+def test_pure_modules_do_no_io() -> None:
+    pure = [p for p in modules() if calls_itself_pure(p) and p.name != "__init__.py"]
+    assert {"plan.py", "roots.py", "manifest.py"} <= {p.name for p in pure}
+    for path in pure:
+        io = {m.split(".")[0] for m in imported_modules(path)} & IO_MODULES
+        assert not io, f"{path.relative_to(REPO)} calls itself pure but imports {sorted(io)}"
+
+
+def test_offline_path_never_loads_the_build_side() -> None:
+    names = sorted({f"airgap.{'.'.join(p.relative_to(PACKAGE).with_suffix('').parts)}".removesuffix(".__init__")
+                    for p in modules() if package_of(p) in OFFLINE})
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}: importlib.import_module(name)\n"
+            f"bad = sorted(m for m in sys.modules if m.startswith({BUILD_SIDE!r}))\n"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_library_never_imports_cli() -> None:
-    for path in PACKAGE.rglob("*.py"):
-        if path.name not in ("cli.py", "__main__.py"):
-            assert "airgap.cli" not in imported_modules(path), path
+    for path in modules():
+        if package_of(path) not in ("cli", "__main__"):
+            assert "cli" not in airgap_packages(path), path

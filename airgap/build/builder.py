@@ -1,0 +1,191 @@
+"""`airgap build`: fetch what a spec names, pin it, and pack one signed bundle (connected host only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import airgap
+from airgap.build.sources.selfwheel import build_self_wheel, runtime_requirements
+from airgap.build.sources.wheels import ResolvedWheel, resolve_wheels
+from airgap.build.spec import ModelSpec, Spec
+from airgap.bundle.container import prepare_entry, scratch_dir
+from airgap.bundle.drops import load_roots, pack, read_base, root_payload
+from airgap.errors import MissingDependencyError, SpecError
+from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
+from airgap.progress import byte_progress
+from airgap.streams.pipeline import digest_file
+from airgap.trust.roots import Root
+from airgap.trust.signing import PrivateKey, key_id, sign
+
+BOOTSTRAP_REQUIREMENTS = "bootstrap-requirements.txt"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    out_dir: Path
+    created: datetime | None = None
+    upgrade: bool = False
+    progress: bool = True
+    hub_endpoint: str | None = None
+    hub_cache: Path | None = None
+    wheel_cache: Path | None = None
+    base: Path | None = None  # build an update drop on top of this bundle
+    roots: tuple[Path, ...] = ()  # root files (one unbroken chain) the bundle carries
+    expires_days: int | None = None  # overrides the spec's bundle.expires_days
+
+
+def creation_time(explicit: datetime | None = None) -> datetime:
+    """SOURCE_DATE_EPOCH makes builds reproducible; otherwise the bundle is stamped now."""
+    if explicit is not None:
+        return explicit.astimezone(UTC).replace(microsecond=0)
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return datetime.fromtimestamp(int(epoch), UTC)
+        except ValueError:
+            raise SpecError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, found {epoch!r}") from None
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def bundle_filename(name: str, version: str) -> str:
+    return f"{name}-{version}.airgap"
+
+
+def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOptions) -> Path:
+    """Build `<out_dir>/<name>-<version>.airgap` from a spec, signed by every key in `signers`."""
+    _check_build_extra(spec)
+    created = creation_time(options.created)
+    base = read_base(options.base) if options.base is not None else None
+    roots = load_roots(options.roots)
+    _check_release_keys(signers, roots)
+    with scratch_dir(options.out_dir) as tmp:
+        work = Path(tmp)
+        models, model_files = _collect_models(spec, options)
+        wheels = _collect_wheels(spec, options, work / "wheels")
+        bootstrap = _bootstrap_requirements(spec, wheels, work)
+        # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
+        raw_paths = {bootstrap[1].path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap[2])}
+        packed = work / "packed"
+        packed.mkdir()
+        payload = [prepare_entry(path, entry, packed, compress=entry.path not in raw_paths)
+                   for path, entry in [*model_files, *wheels_payload(wheels), bootstrap[:2]]]
+        draft = Manifest(
+            name=spec.name, version=spec.version, created=created,
+            expires=created + timedelta(days=options.expires_days or spec.expires_days),
+            tool_version=airgap.__version__,
+            files=tuple(p.entry for p in payload), models=tuple(models),
+            packages=tuple(PythonPackage(w.name, w.version, f"wheels/{w.filename}") for w in wheels),
+            python={
+                "requirements": list(spec.python.requirements),
+                "python_version": spec.python.python_version or "",
+                "platforms": list(spec.python.platforms),
+                "bootstrap": BOOTSTRAP_REQUIREMENTS,
+            },
+        )
+        out = options.out_dir / bundle_filename(spec.name, spec.version)
+        total = sum(p.entry.stored_size for p in payload)
+        with byte_progress(total, f"packing {out.name}", options.progress) as advance:
+            pack(out, draft, [*root_payload(roots, work), *payload], lambda data: [sign(data, k) for k in signers],
+                 base, advance)
+    return out
+
+
+def _check_build_extra(spec: Spec) -> None:
+    """The core install verifies, installs and serves; reading GGUF files and the hub needs `airgap[build]`."""
+    needed = {"gguf": "reading the models' GGUF metadata"} if spec.models else {}
+    if any(model.repo is not None for model in spec.models):
+        needed["huggingface_hub"] = "fetching models from the Hugging Face hub"
+    missing = [f"{module} (for {why})" for module, why in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"this spec needs {' and '.join(missing)}, which airgap's core install lacks; "
+            "install the build extra on the connected host: pip install 'airgap[build]'")
+
+
+def _check_release_keys(signers: Sequence[PrivateKey], roots: Sequence[Root]) -> None:
+    """A bundle carrying roots is signed by release keys of the newest one (co-signers may follow)."""
+    if not roots:
+        return
+    allowed = set(roots[-1].release.keyids)
+    for key in signers:
+        if key_id(key.public_key()) not in allowed:
+            raise SpecError(f"signing key {key_id(key.public_key())[:16]} is not a release key of root version "
+                            f"{roots[-1].version}; its release keys are {', '.join(k[:16] for k in sorted(allowed))}")
+
+
+def _collect_models(spec: Spec, options: BuildOptions) -> tuple[list[ModelEntry], list[tuple[Path, FileEntry]]]:
+    models: list[ModelEntry] = []
+    files: list[tuple[Path, FileEntry]] = []
+    for model in spec.models:
+        fetched = _fetch_model(model, options)
+        paths = []
+        for local, name, source in fetched:
+            path = f"models/{model.id}/{name}"
+            files.append((local, FileEntry(path=path, size=0, sha256="0" * 64, kind="model", source=source)))
+            paths.append(path)
+        gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
+        metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
+        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=metadata))
+    return models, files
+
+
+def _gguf_metadata(path: Path) -> dict[str, object]:
+    from airgap.build.sources.gguf_meta import read_gguf_metadata  # numpy-heavy: only when a GGUF is packed
+
+    return dict(read_gguf_metadata(path))
+
+
+def _fetch_model(model: ModelSpec, options: BuildOptions) -> list[tuple[Path, str, dict[str, str]]]:
+    if model.path is not None:
+        return [(model.path, model.path.name, {"type": "local", "path": str(model.path)})]
+    from airgap.build.sources.hf import fetch_hub_files
+
+    assert model.repo is not None
+    hub_files = fetch_hub_files(
+        model.repo, model.revision, model.files or None, model.allow_patterns or None,
+        cache_dir=options.hub_cache, endpoint=options.hub_endpoint, progress=options.progress,
+    )
+    return [(f.path, f.filename.replace("/", "-"), {"type": "hub", "repo": f.repo, "commit": f.commit,
+                                                      "file": f.filename}) for f in hub_files]
+
+
+def _collect_wheels(spec: Spec, options: BuildOptions, dest: Path) -> list[ResolvedWheel]:
+    # airgap itself is never resolved by name: an index could serve another project called "airgap"
+    resolved = resolve_wheels(
+        [*spec.python.requirements, *runtime_requirements()], dest=dest, find_links=spec.python.find_links,
+        index_url=spec.python.index_url, python_version=spec.python.python_version,
+        platforms=spec.python.platforms, lock_path=spec.lock_path, upgrade=options.upgrade,
+        build_cache=options.wheel_cache, progress=options.progress,
+    )
+    if any(w.name == "airgap" for w in resolved):
+        raise SpecError("the requirements pull in a package named 'airgap' from an index; airgap packs itself")
+    own = build_self_wheel(dest)
+    digest = digest_file(own)
+    return [*resolved, ResolvedWheel(name="airgap", version=airgap.__version__, filename=own.name, path=own,
+                                     size=digest.size, sha256=digest.sha256, source={"type": "self"})]
+
+
+def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:
+    return [(w.path, FileEntry(path=f"wheels/{w.filename}", size=w.size, sha256=w.sha256, kind="wheel",
+                               source=dict(w.source))) for w in wheels]
+
+
+def _bootstrap_requirements(
+    spec: Spec, wheels: list[ResolvedWheel], work: Path
+) -> tuple[Path, FileEntry, set[str]]:
+    """Pinned, hashed requirements for airgap alone, so an operator can install the tool with plain pip."""
+    needed = resolve_wheels(
+        runtime_requirements(), dest=work / "bootstrap", find_links=[wheels[0].path.parent], no_index=True,
+        python_version=spec.python.python_version, platforms=spec.python.platforms, progress=False,
+    )
+    names = {w.name for w in needed} | {"airgap"}
+    lines = [f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in wheels if w.name in names]
+    path = work / BOOTSTRAP_REQUIREMENTS
+    path.write_text("".join(lines))
+    entry = FileEntry(path=BOOTSTRAP_REQUIREMENTS, size=0, sha256="0" * 64, kind="meta", source={"type": "generated"})
+    return path, entry, names

@@ -1,0 +1,143 @@
+"""Bundle specs (`bundles/*.toml`): what to fetch and pack. Parsing only; no fetching here."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from airgap.errors import FormatError, SpecError
+from airgap.format.manifest import check_name
+
+DEFAULT_EXPIRES_DAYS = 180
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    path: Path | None = None  # a local file, resolved against the spec's folder
+    repo: str | None = None  # a Hugging Face hub repo
+    revision: str = "main"
+    files: tuple[str, ...] = ()
+    allow_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PythonSpec:
+    requirements: tuple[str, ...] = ()
+    find_links: tuple[Path, ...] = ()
+    index_url: str | None = None
+    python_version: str | None = None
+    platforms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    name: str
+    version: str
+    models: tuple[ModelSpec, ...]
+    python: PythonSpec
+    expires_days: int = DEFAULT_EXPIRES_DAYS
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+
+def load_spec(path: Path) -> Spec:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"spec not found: {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc}") from None
+    return parse_spec(raw, path)
+
+
+def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
+    base = path.parent
+    bundle = _table(raw, "bundle", path)
+    try:
+        name = check_name(_str(bundle, "name", path), "bundle name")
+        version = check_name(_str(bundle, "version", path), "bundle version")
+    except FormatError as exc:
+        raise SpecError(f"{path}: {exc.message}") from None
+    models = tuple(_model(m, base, path) for m in _list(raw, "models", path))
+    ids = [m.id for m in models]
+    if len(set(ids)) != len(ids):
+        raise SpecError(f"{path}: model ids must be unique, found {ids}")
+    python = _python(raw.get("python", {}), base, path)
+    expires = bundle.get("expires_days", DEFAULT_EXPIRES_DAYS)
+    if not isinstance(expires, int) or expires < 1:
+        raise SpecError(f"{path}: bundle.expires_days must be a positive integer, found {expires!r}")
+    return Spec(path=path, name=name, version=version, models=models, python=python, expires_days=expires)
+
+
+def _model(raw: object, base: Path, path: Path) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: each [[models]] entry must be a table")
+    model_id = _str(raw, "id", path)
+    try:
+        check_name(model_id, "model id")
+    except FormatError as exc:
+        raise SpecError(f"{path}: {exc.message}") from None
+    if ("path" in raw) == ("repo" in raw):
+        raise SpecError(f"{path}: model {model_id!r} needs exactly one of 'path' (local file) or 'repo' (hub)")
+    if "path" in raw:
+        local = (base / _str(raw, "path", path)).resolve()
+        if not local.is_file():
+            raise SpecError(f"{path}: model {model_id!r}: file not found: {local}")
+        return ModelSpec(id=model_id, path=local)
+    files = tuple(_strs(raw, "files", path)) + ((_str(raw, "file", path),) if "file" in raw else ())
+    patterns = tuple(_strs(raw, "allow_patterns", path))
+    if not files and not patterns:
+        raise SpecError(f"{path}: model {model_id!r} from a repo needs 'file', 'files' or 'allow_patterns'")
+    return ModelSpec(id=model_id, repo=_str(raw, "repo", path), revision=str(raw.get("revision", "main")),
+                     files=files, allow_patterns=patterns)
+
+
+def _python(raw: object, base: Path, path: Path) -> PythonSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: [python] must be a table")
+    links = tuple((base / link).resolve() for link in _strs(raw, "find_links", path))
+    for link in links:
+        if not link.is_dir():
+            raise SpecError(f"{path}: python.find_links folder not found: {link}")
+    index_url = raw.get("index_url")
+    version = raw.get("python_version")
+    return PythonSpec(
+        requirements=tuple(_strs(raw, "requirements", path)), find_links=links,
+        index_url=str(index_url) if index_url is not None else None,
+        python_version=str(version) if version is not None else None,
+        platforms=tuple(_strs(raw, "platforms", path)),
+    )
+
+
+def _table(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        raise SpecError(f"{path}: expected a [{key}] table, found {type(value).__name__}")
+    return value
+
+
+def _str(raw: dict[str, Any], key: str, path: Path) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{path}: expected a non-empty string for {key!r}, found {value!r}")
+    return value
+
+
+def _strs(raw: dict[str, Any], key: str, path: Path) -> list[str]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{path}: expected a list of strings for {key!r}, found {value!r}")
+    return list(value)
+
+
+def _list(raw: dict[str, Any], key: str, path: Path) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise SpecError(f"{path}: expected [[{key}]] entries, found {type(value).__name__}")
+    return value

@@ -1,0 +1,247 @@
+"""The installed state under a prefix, persisted crash-safely (write temp, fsync, rename, fsync dir).
+
+`state.json` is the single source of truth: which generation is active, which versions were accepted
+(anti-rollback), which root version is trusted, and the install in progress with the step it reached,
+so that the next run finishes it (once the new version is complete) or cleans it up (before that).
+Trusted roots lie in `PREFIX/trust/root.N.json`; only the version `state.json` names is trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from airgap.errors import InstallError
+from airgap.format.manifest import BaseRef, format_time, parse_time
+from airgap.streams.atomic import fsync_dir, write_atomic
+from airgap.trust.acceptance import Acceptance
+
+STEP_STAGING = "staging"  # verifying and unpacking, storing, building the version: a crash is cleaned up
+STEP_READY = "ready"  # the new version is complete on disk: a crash is finished (switch and commit)
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    id: str
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: str
+    name: str
+    version: str
+    manifest_sha256: str
+    created: str
+    installed_at: str
+    models: tuple[InstalledModel, ...] = ()
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An install in progress: what a re-run after a crash needs to finish or clean it up."""
+
+    id: str
+    step: str = STEP_STAGING
+    generation: Generation | None = None  # set at STEP_READY, with what the commit records
+    accepted: dict[str, str] = field(default_factory=dict)
+    root_version: int | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    active: str | None = None
+    generations: tuple[Generation, ...] = ()
+    history: tuple[str, ...] = ()  # generations in the order they were activated
+    pending: Pending | None = None
+    accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # per bundle name
+    trusted_root: int | None = None  # version of PREFIX/trust/root.N.json in force; None: --trust only
+
+    def generation(self, gen_id: str) -> Generation | None:
+        return next((g for g in self.generations if g.id == gen_id), None)
+
+    def acceptance(self, name: str) -> Acceptance:
+        return _acceptance(self.accepted.get(name, {}))
+
+    def with_accepted(self, name: str, acceptance: Acceptance) -> State:
+        return replace(self, accepted={**self.accepted, name: acceptance_record(acceptance)})
+
+    def time_floor(self) -> datetime | None:
+        """The newest creation time accepted for any bundle: this host's clock never goes below it."""
+        times = [a.newest_created for a in map(self.acceptance, self.accepted) if a.newest_created is not None]
+        return max(times, default=None)
+
+    def installed_versions(self, name: str) -> dict[str, str]:
+        return {g.version: g.manifest_sha256 for g in self.generations if g.name == name}
+
+    def installed_bases(self) -> tuple[BaseRef, ...]:
+        return tuple(BaseRef(g.name, g.version, g.manifest_sha256) for g in self.generations)
+
+    def committed(self) -> State:
+        """The state once the pending install (at STEP_READY) is active: one write makes it so."""
+        pending = self.pending
+        if pending is None or pending.generation is None:
+            raise InstallError("internal error: no completed install to commit")
+        gen = pending.generation
+        return replace(
+            self, active=gen.id, pending=None, history=(*self.history, gen.id),
+            generations=(*(g for g in self.generations if g.id != gen.id), gen),
+            accepted={**self.accepted, gen.name: pending.accepted},
+            trusted_root=pending.root_version if pending.root_version is not None else self.trusted_root,
+        )
+
+
+def acceptance_record(acceptance: Acceptance) -> dict[str, str]:
+    record = {
+        "highest_version": acceptance.highest_version or "",
+        "highest_manifest_sha256": acceptance.highest_manifest_sha256 or "",
+        "newest_created": format_time(acceptance.newest_created) if acceptance.newest_created else "",
+    }
+    return {k: v for k, v in record.items() if v}
+
+
+def _acceptance(record: dict[str, str]) -> Acceptance:
+    newest = record.get("newest_created")
+    return Acceptance(
+        highest_version=record.get("highest_version"),
+        highest_manifest_sha256=record.get("highest_manifest_sha256"),
+        newest_created=parse_time(newest, "newest_created") if newest else None,
+    )
+
+
+def state_path(prefix: Path) -> Path:
+    return prefix / "state.json"
+
+
+def load_state(prefix: Path) -> State:
+    path = state_path(prefix)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return State()
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"{path}: installed state is unreadable: {exc}") from None
+    if raw.get("format") != STATE_FORMAT:
+        raise InstallError(f"{path}: expected state format {STATE_FORMAT}, found {raw.get('format')!r}")
+    try:
+        return State(
+            active=raw.get("active"),
+            generations=tuple(_generation(g) for g in raw.get("generations", [])),
+            history=tuple(raw.get("history", [])),
+            pending=_pending(raw.get("pending")),
+            accepted=dict(raw.get("accepted", {})),
+            trusted_root=raw.get("trusted_root"),
+        )
+    except (TypeError, AttributeError) as exc:
+        raise InstallError(f"{path}: installed state is malformed: {exc}") from None
+
+
+def _generation(raw: dict[str, Any]) -> Generation:
+    raw = dict(raw)
+    models = tuple(InstalledModel(**m) for m in raw.pop("models", []))
+    overrides = tuple(raw.pop("overrides", []))
+    return Generation(**raw, models=models, overrides=overrides)
+
+
+def _pending(raw: object) -> Pending | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):  # written before install steps were recorded
+        return Pending(id=raw)
+    if not isinstance(raw, dict):
+        raise TypeError(f"pending must be an object, found {type(raw).__name__}")
+    gen = raw.get("generation")
+    return Pending(id=raw["id"], step=raw.get("step", STEP_STAGING),
+                   generation=_generation(gen) if gen is not None else None,
+                   accepted=dict(raw.get("accepted", {})), root_version=raw.get("root_version"))
+
+
+def save_state(prefix: Path, state: State) -> None:
+    data = {"format": STATE_FORMAT, **asdict(state)}
+    write_atomic(state_path(prefix), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def root_path(prefix: Path, version: int) -> Path:
+    return prefix / "trust" / f"root.{version}.json"
+
+
+def write_root(prefix: Path, version: int, data: bytes) -> None:
+    """Write a root file; it is trusted only once state.json names its version."""
+    root_path(prefix, version).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(root_path(prefix, version), data)
+
+
+def read_root(prefix: Path, version: int) -> bytes:
+    path = root_path(prefix, version)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InstallError(f"trusted root version {version} is unreadable at {path}: {exc.strerror}") from None
+
+
+def remove_roots_above(prefix: Path, version: int | None) -> None:
+    """Drop root files an interrupted install wrote but never committed."""
+    folder = prefix / "trust"
+    if not folder.is_dir():
+        return
+    for path in folder.glob("root.*.json"):
+        number = path.name.removeprefix("root.").removesuffix(".json")
+        if number.isdigit() and (version is None or int(number) > version):
+            path.unlink()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush everything written on `path`'s file system (syncfs, as OSTree does before it switches):
+    one call instead of an fsync per file of a freshly built virtualenv."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is None or _LIBC.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc if hasattr(libc, "syncfs") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def swap_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` in one atomic rename: readers see the old or the new, never neither."""
+    tmp = link.with_name(f".{link.name}.new")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+@contextlib.contextmanager
+def prefix_lock(prefix: Path) -> Iterator[None]:
+    """One writer per prefix at a time; a second install waits for none and is refused at once."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    with (prefix / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstallError(f"{prefix} is locked by another airgap process; try again when it finishes") from None
+        yield
