@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +17,13 @@ import airgap
 from airgap.errors import AirgapError, KeyFileError
 
 F = TypeVar("F", bound=Callable[..., Any])
-_VERBOSE = {"on": False}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Options of the `airgap` group itself, handed to the group through click's context object."""
+
+    verbose: bool = False
 
 
 class AirgapGroup(click.Group):
@@ -25,7 +31,7 @@ class AirgapGroup(click.Group):
         try:
             return super().invoke(ctx)
         except AirgapError as exc:
-            if _VERBOSE["on"]:
+            if isinstance(ctx.obj, Settings) and ctx.obj.verbose:
                 traceback.print_exc()
             click.echo(f"airgap: error: {exc.message}", err=True)
             sys.exit(exc.exit_code)
@@ -37,9 +43,10 @@ class AirgapGroup(click.Group):
 @click.group(cls=AirgapGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(airgap.__version__, prog_name="airgap")
 @click.option("--verbose", is_flag=True, help="Show the full traceback on errors.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Signed, verified, offline bundles of open-weight LLMs, and the server to run them."""
-    _VERBOSE["on"] = verbose
+    ctx.obj = Settings(verbose=verbose)
 
 
 def prefix_option(func: F) -> F:

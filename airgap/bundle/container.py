@@ -607,11 +607,6 @@ def _write_head(
     return Head(manifest_bytes, manifest, signatures, len(manifest_member) + BLOCK)
 
 
-def _write_member(out: BinaryIO, item: PayloadFile, mtime: int, progress: Callable[[int], object] | None) -> FileEntry:
-    """One member at `out`'s position (for callers laying out a bundle themselves; see write_payload)."""
-    return _pack_member(out.write, item, mtime, progress)
-
-
 def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int,
                  progress: Callable[[int], object] | None) -> FileEntry:
     entry = item.entry

@@ -46,3 +46,5 @@ def test_error_is_one_line_and_verbose_shows_traceback(tmp_path: object) -> None
     assert result.output.strip().count("\n") == 0 and "nonexistent.airgap not found" in result.output
     verbose = runner.invoke(main, ["--verbose", "inspect", "/nonexistent.airgap"])
     assert "Traceback" in verbose.output
+    after = runner.invoke(main, ["inspect", "/nonexistent.airgap"])  # --verbose is per invocation, not a global
+    assert "Traceback" not in after.output and after.output.strip().count("\n") == 0

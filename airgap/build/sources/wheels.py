@@ -464,11 +464,6 @@ def _place(pin: Pin, downloaded: Path, dest: Path, source: Mapping[str, str]) ->
 # --- lock file -------------------------------------------------------------------------------------------------
 
 
-def lock_path_for(spec: Path) -> Path:
-    """Where the lock of a spec lies: beside it, `<spec>.lock`."""
-    return spec.with_name(spec.name + ".lock")
-
-
 def read_lock(path: Path) -> Lock:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
