@@ -204,7 +204,7 @@ def trust_init(root_file: Path, prefix: Path, force: bool) -> None:
     try:
         data = root_file.read_bytes()
     except OSError as exc:
-        raise KeyFileError(f"cannot read root file {root_file}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read root file {root_file}: {exc.strerror}") from exc
     root = pin(prefix, data, force=force)
     click.echo(f"trusting root version {root.version} under {prefix}: release needs {root.release.threshold} of "
                f"{len(root.release.keys)} key(s), rotation {root.root.threshold} of {len(root.root.keys)}")

@@ -108,11 +108,11 @@ def read_installation(prefix: Path) -> Installation:
         data = (root / "manifest.json").read_bytes()
     except OSError as exc:
         raise ServeError(
-            f"no installed version under {prefix}: expected {current}/manifest.json, {exc.strerror}") from None
+            f"no installed version under {prefix}: expected {current}/manifest.json, {exc.strerror}") from exc
     try:
         manifest = parse_manifest(data)
     except FormatError as exc:
-        raise ServeError(f"installed manifest {root / 'manifest.json'} is invalid: {exc}") from None
+        raise ServeError(f"installed manifest {root / 'manifest.json'} is invalid: {exc}") from exc
     return Installation(prefix=prefix, root=root, manifest=manifest)
 
 
@@ -146,7 +146,7 @@ def _installed_model(installation: Installation, model_id: str, paths: tuple[str
         try:
             found = path.stat().st_size
         except OSError as exc:
-            raise ServeError(f"model {model_id!r}: installed file {path} is unreadable: {exc.strerror}") from None
+            raise ServeError(f"model {model_id!r}: installed file {path} is unreadable: {exc.strerror}") from exc
         if found != expected:
             raise ServeError(f"model {model_id!r}: installed file {path} is {found} bytes, the manifest says "
                              f"{expected}; run `airgap verify`")
@@ -221,7 +221,7 @@ def _read_key_file(path: Path) -> str:
             mode = os.fstat(stream.fileno()).st_mode
             data = stream.read(4097)
     except OSError as exc:
-        raise ServeError(f"cannot read API key file {path}: {exc.strerror}") from None
+        raise ServeError(f"cannot read API key file {path}: {exc.strerror}") from exc
     if mode & stat.S_IROTH:
         raise ServeError(f"API key file {path} is readable by every user (mode {stat.filemode(mode)}); "
                          f"expected it private, e.g. chmod 600")
@@ -229,8 +229,8 @@ def _read_key_file(path: Path) -> str:
         raise ServeError(f"API key file {path} is larger than 4 KiB; expected one line")
     try:
         return data.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ServeError(f"API key file {path} holds non-ASCII bytes; expected one line of text") from None
+    except UnicodeDecodeError as exc:
+        raise ServeError(f"API key file {path} holds non-ASCII bytes; expected one line of text") from exc
 
 
 def _check_key(key: str, origin: str) -> str:
@@ -359,7 +359,7 @@ def serve(
     try:
         os.execve(launch.argv[0], list(launch.argv), dict(launch.env))
     except OSError as exc:
-        raise ServeError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
+        raise ServeError(f"cannot start {launch.argv[0]}: {exc.strerror}") from exc
 
 
 def start_server(launch: Launch, stdout: IO[bytes] | int | None = None,
@@ -368,7 +368,7 @@ def start_server(launch: Launch, stdout: IO[bytes] | int | None = None,
     try:
         return subprocess.Popen(list(launch.argv), env=dict(launch.env), stdout=stdout, stderr=stderr)
     except OSError as exc:
-        raise ServeError(f"cannot start {launch.argv[0]}: {exc.strerror}") from None
+        raise ServeError(f"cannot start {launch.argv[0]}: {exc.strerror}") from exc
 
 
 # --- the systemd unit ----------------------------------------------------------------------------------
@@ -666,14 +666,14 @@ def listen(host: str, port: int) -> socket.socket:
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return sock
 
 

@@ -20,4 +20,4 @@ def render(template: str, **context: Any) -> str:
     try:
         return _ENV.get_template(template).render(**context)
     except jinja2.TemplateError as exc:
-        raise AirgapError(f"cannot render {template}: {exc}") from None
+        raise AirgapError(f"cannot render {template}: {exc}") from exc

@@ -47,8 +47,8 @@ def creation_time(explicit: datetime | None = None) -> datetime:
     if epoch:
         try:
             return datetime.fromtimestamp(int(epoch), UTC)
-        except ValueError:
-            raise SpecError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, found {epoch!r}") from None
+        except ValueError as exc:
+            raise SpecError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, found {epoch!r}") from exc
     return datetime.now(UTC).replace(microsecond=0)
 
 

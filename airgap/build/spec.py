@@ -49,10 +49,10 @@ class Spec:
 def load_spec(path: Path) -> Spec:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"spec not found: {path}") from None
+    except FileNotFoundError as exc:
+        raise SpecError(f"spec not found: {path}") from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read spec: {exc}") from None
+        raise SpecError(f"{path}: cannot read spec: {exc}") from exc
     return parse_spec(raw, path)
 
 
@@ -63,7 +63,7 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
         name = check_name(_str(bundle, "name", path), "bundle name")
         version = check_name(_str(bundle, "version", path), "bundle version")
     except FormatError as exc:
-        raise SpecError(f"{path}: {exc.message}") from None
+        raise SpecError(f"{path}: {exc.message}") from exc
     models = tuple(_model(m, base, path) for m in _list(raw, "models", path))
     ids = [m.id for m in models]
     if len(set(ids)) != len(ids):
@@ -82,7 +82,7 @@ def _model(raw: object, base: Path, path: Path) -> ModelSpec:
     try:
         check_name(model_id, "model id")
     except FormatError as exc:
-        raise SpecError(f"{path}: {exc.message}") from None
+        raise SpecError(f"{path}: {exc.message}") from exc
     if ("path" in raw) == ("repo" in raw):
         raise SpecError(f"{path}: model {model_id!r} needs exactly one of 'path' (local file) or 'repo' (hub)")
     if "path" in raw:

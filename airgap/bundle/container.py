@@ -110,7 +110,7 @@ class _TarStream:
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
             except tarfile.HeaderError as exc:
-                raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: {exc}") from None
+                raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: {exc}") from exc
             if block[154:156] != b"\0 ":  # tar ignores this byte; we accept only the canonical form
                 raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: non-canonical checksum field")
             if info.type == tarfile.XHDTYPE:
@@ -134,8 +134,8 @@ class _TarStream:
                 length_text, rest = data[pos:].split(b" ", 1)
                 length = int(length_text)
                 key, value = rest[: length - len(length_text) - 2].decode("utf-8").split("=", 1)
-            except (ValueError, UnicodeDecodeError):
-                raise FormatError(f"malformed pax header at offset {self.offset}") from None
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise FormatError(f"malformed pax header at offset {self.offset}") from exc
             if length <= 0:
                 raise FormatError(f"malformed pax header at offset {self.offset}")
             records[key] = value
@@ -486,7 +486,7 @@ def _decompressed(chunks: Iterator[bytes], entry: FileEntry) -> Iterator[bytes]:
             # the manifest's size caps the output: a bomb stops one chunk past the declared size
             yield from _capped(iter_chunks(reader), entry)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{entry.path}: corrupt zstd data: {exc}") from None
+        raise IntegrityError(f"{entry.path}: corrupt zstd data: {exc}") from exc
     if source.read(1):
         raise IntegrityError(f"{entry.path}: trailing bytes after the zstd frame")
 

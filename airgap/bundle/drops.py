@@ -52,7 +52,7 @@ def load_roots(paths: Sequence[Path]) -> tuple[Root, ...]:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise SpecError(f"cannot read root file {path}: {exc.strerror}") from None
+            raise SpecError(f"cannot read root file {path}: {exc.strerror}") from exc
         roots.append(parse_root(data, what=str(path)))
     versions = [r.version for r in roots]
     if len(set(versions)) != len(versions):
@@ -89,10 +89,10 @@ def read_base(path: Path) -> Head:
     """The head of the bundle a drop applies on top of (only its manifest is needed)."""
     try:
         return read_head_from_path(path)
-    except FileNotFoundError:
-        raise SpecError(f"base bundle not found: {path}") from None
+    except FileNotFoundError as exc:
+        raise SpecError(f"base bundle not found: {path}") from exc
     except AirgapError as exc:
-        raise SpecError(f"base bundle {path}: {exc.message}") from None
+        raise SpecError(f"base bundle {path}: {exc.message}") from exc
 
 
 def base_ref(base: Head, draft: Manifest) -> BaseRef:
@@ -143,8 +143,8 @@ def is_root_file(path: Path) -> bool:
     try:
         with path.open("rb") as stream:
             return stream.read(1) == b"{"
-    except FileNotFoundError:
-        raise AirgapError(f"file to sign not found: {path}") from None
+    except FileNotFoundError as exc:
+        raise AirgapError(f"file to sign not found: {path}") from exc
 
 
 def cosign_bundle(path: Path, signers: Sequence[PrivateKey]) -> Head:

@@ -69,8 +69,8 @@ def format_time(moment: datetime) -> str:
 def parse_time(text: str, what: str) -> datetime:
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except (TypeError, ValueError):
-        raise FormatError(f"invalid {what}: expected YYYY-MM-DDTHH:MM:SSZ, found {text!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"invalid {what}: expected YYYY-MM-DDTHH:MM:SSZ, found {text!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
     try:
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"manifest is not valid JSON: {exc}") from None
+        raise FormatError(f"manifest is not valid JSON: {exc}") from exc
     doc = JsonObject(raw, "manifest")
     if doc.text("_type") != MANIFEST_TYPE:
         raise FormatError(f"not an airgap manifest: expected _type {MANIFEST_TYPE!r}, found {raw.get('_type')!r}")

@@ -218,7 +218,7 @@ def install_bundle(
                 reached("ready")
             except OSError as exc:
                 _discard(prefix, gen_id)
-                raise _os_error(exc, prefix) from None
+                raise _os_error(exc, prefix) from exc
             except BaseException:
                 _discard(prefix, gen_id)
                 raise

@@ -134,7 +134,7 @@ def load_state(prefix: Path) -> State:
     except FileNotFoundError:
         return State()
     except (OSError, ValueError) as exc:
-        raise InstallError(f"{path}: installed state is unreadable: {exc}") from None
+        raise InstallError(f"{path}: installed state is unreadable: {exc}") from exc
     if raw.get("format") != STATE_FORMAT:
         raise InstallError(f"{path}: expected state format {STATE_FORMAT}, found {raw.get('format')!r}")
     try:
@@ -147,7 +147,7 @@ def load_state(prefix: Path) -> State:
             trusted_root=raw.get("trusted_root"),
         )
     except (TypeError, AttributeError) as exc:
-        raise InstallError(f"{path}: installed state is malformed: {exc}") from None
+        raise InstallError(f"{path}: installed state is malformed: {exc}") from exc
 
 
 def _generation(raw: dict[str, Any]) -> Generation:
@@ -190,7 +190,7 @@ def read_root(prefix: Path, version: int) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise InstallError(f"trusted root version {version} is unreadable at {path}: {exc.strerror}") from None
+        raise InstallError(f"trusted root version {version} is unreadable at {path}: {exc.strerror}") from exc
 
 
 def remove_roots_above(prefix: Path, version: int | None) -> None:
@@ -242,6 +242,6 @@ def prefix_lock(prefix: Path) -> Iterator[None]:
     with (prefix / ".lock").open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InstallError(f"{prefix} is locked by another airgap process; try again when it finishes") from None
+        except BlockingIOError as exc:
+            raise InstallError(f"{prefix} is locked by another airgap process; try again when it finishes") from exc
         yield

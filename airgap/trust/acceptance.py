@@ -47,8 +47,8 @@ def trusted_now(clock: datetime, floor: datetime | None) -> datetime:
 def parse_version(text: str) -> Version:
     try:
         return Version(text)
-    except InvalidVersion:
-        raise PolicyError(f"bundle version {text!r} is not a version number (PEP 440)") from None
+    except InvalidVersion as exc:
+        raise PolicyError(f"bundle version {text!r} is not a version number (PEP 440)") from exc
 
 
 def check_acceptance(

@@ -59,7 +59,7 @@ def trust_from_files(paths: list[Path], threshold: int = 1) -> TrustPolicy:
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} not found: {path}") from None
+    except FileNotFoundError as exc:
+        raise KeyFileError(f"{what} not found: {path}") from exc
     except OSError as exc:
-        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc

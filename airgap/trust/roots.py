@@ -119,8 +119,8 @@ def parse_root(data: bytes, limits: Limits = DEFAULT_LIMITS, what: str = "root f
     envelope = parse_envelope(data, ROOT_PAYLOAD_TYPE, limits.max_metadata_bytes, limits.max_signatures, what)
     try:
         raw = json.loads(envelope.payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f"{what}: payload is not JSON") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{what}: payload is not JSON") from exc
     if not isinstance(raw, dict) or raw.get("_type") != ROOT_TYPE:
         found = raw.get("_type") if isinstance(raw, dict) else type(raw).__name__
         raise FormatError(f"{what}: expected _type {ROOT_TYPE!r}, found {found!r}")
@@ -155,7 +155,7 @@ def _parse_keys(raw: object, limits: Limits, what: str) -> dict[str, Ed25519Publ
         try:
             key = load_public_key(entry["public"].encode(), f"{what} key {keyid[:16]}")
         except KeyFileError as exc:
-            raise FormatError(exc.message) from None
+            raise FormatError(exc.message) from exc
         if key_id(key) != keyid:
             # an id is a hash of the key: an id that is not would let one key pass as two
             raise FormatError(f"{what}: key id {keyid[:16]} does not match its key (SHA-256 {key_id(key)[:16]})")
@@ -178,7 +178,7 @@ def _parse_role(raw: object, keys: Mapping[str, Ed25519PublicKey], what: str) ->
     try:
         _check_role_size(what, len(keyids), threshold)
     except TrustError as exc:
-        raise FormatError(exc.message) from None
+        raise FormatError(exc.message) from exc
     return Role(keys=tuple(keys[k] for k in keyids), threshold=threshold)
 
 
@@ -194,7 +194,7 @@ def _require(root: Root, signer: Role, what: str) -> None:
     try:
         require_threshold(root.envelope.signed_bytes, root.envelope.signatures, signer.keys, signer.threshold, what)
     except SignatureError as exc:
-        raise TrustError(exc.message) from None
+        raise TrustError(exc.message) from exc
 
 
 def check_self_signed(root: Root) -> None:

@@ -74,12 +74,12 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 def load_private_key(pem: bytes, passphrase: bytes | None, where: str) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=passphrase)
-    except TypeError:
+    except TypeError as exc:
         if passphrase is None:
-            raise KeyFileError(f"{where}: the key is encrypted; set AIRGAP_KEY_PASSPHRASE or enter it") from None
-        raise KeyFileError(f"{where}: the key is not encrypted but a passphrase was given") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyFileError(f"{where}: expected an Ed25519 PKCS#8 PEM private key (or wrong passphrase)") from None
+            raise KeyFileError(f"{where}: the key is encrypted; set AIRGAP_KEY_PASSPHRASE or enter it") from exc
+        raise KeyFileError(f"{where}: the key is not encrypted but a passphrase was given") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError(f"{where}: expected an Ed25519 PKCS#8 PEM private key (or wrong passphrase)") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{where}: expected an Ed25519 private key, found {type(key).__name__}")
     return key
@@ -88,8 +88,8 @@ def load_private_key(pem: bytes, passphrase: bytes | None, where: str) -> Ed2551
 def load_public_key(pem: bytes, where: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, UnsupportedAlgorithm):
-        raise KeyFileError(f"{where}: expected an Ed25519 public key in PEM (SubjectPublicKeyInfo)") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError(f"{where}: expected an Ed25519 public key in PEM (SubjectPublicKeyInfo)") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{where}: expected an Ed25519 public key, found {type(key).__name__}")
     return key
@@ -98,8 +98,8 @@ def load_public_key(pem: bytes, where: str) -> Ed25519PublicKey:
 def public_key_from_raw(raw: bytes) -> Ed25519PublicKey:
     try:
         return Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError:
-        raise FormatError(f"invalid Ed25519 public key: expected 32 bytes, found {len(raw)}") from None
+    except ValueError as exc:
+        raise FormatError(f"invalid Ed25519 public key: expected 32 bytes, found {len(raw)}") from exc
 
 
 def sign(data: bytes, private: Ed25519PrivateKey) -> Signature:
@@ -122,8 +122,8 @@ def encode_signatures(signatures: Iterable[Signature], block_size: int = SIGNATU
 def decode_signatures(block: bytes, max_signatures: int = 64) -> tuple[Signature, ...]:
     try:
         lines = [line for line in block.decode("ascii").split("\n") if line]
-    except UnicodeDecodeError:
-        raise FormatError("signatures block is not ASCII text") from None
+    except UnicodeDecodeError as exc:
+        raise FormatError("signatures block is not ASCII text") from exc
     if not lines or lines[0] != SIGNATURES_HEADER:
         raise FormatError(f"signatures block: expected header {SIGNATURES_HEADER!r}, found {lines[:1]}")
     if len(lines) - 1 > max_signatures:
@@ -135,8 +135,8 @@ def decode_signatures(block: bytes, max_signatures: int = 64) -> tuple[Signature
             raise FormatError(f"signatures block: malformed line {line[:80]!r}")
         try:
             value = base64.b64decode(match.group(2), validate=True)
-        except binascii.Error:
-            raise FormatError("signatures block: bad base64") from None
+        except binascii.Error as exc:
+            raise FormatError("signatures block: bad base64") from exc
         signatures.append(Signature(keyid=match.group(1), value=value))
     return tuple(signatures)
 
@@ -234,8 +234,8 @@ def parse_envelope(data: bytes, payload_type: str, max_bytes: int, max_signature
         raise FormatError(f"{what} too large: limit {max_bytes} bytes, found {len(data)}")
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FormatError(f"{what} is not a JSON signature envelope (DSSE)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{what} is not a JSON signature envelope (DSSE)") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("signatures"), list):
         raise FormatError(f"{what}: expected a DSSE envelope with payloadType, payload and signatures")
     if raw.get("payloadType") != payload_type:
@@ -263,5 +263,5 @@ def _b64(value: object, what: str) -> bytes:
         raise FormatError(f"{what}: expected base64 text, found {type(value).__name__}")
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise FormatError(f"{what}: bad base64") from None
+    except binascii.Error as exc:
+        raise FormatError(f"{what}: bad base64") from exc

@@ -167,8 +167,8 @@ def parse_size(text: str) -> int:
                           f"found {text!r}")
     try:
         size = int(Decimal(match.group(1)) * _UNITS[unit])
-    except InvalidOperation:
-        raise VolumeError(f"invalid size: {text!r}") from None
+    except InvalidOperation as exc:
+        raise VolumeError(f"invalid size: {text!r}") from exc
     if size < 1:
         raise VolumeError(f"invalid size: expected at least 1 byte, found {text!r}")
     return size
@@ -189,11 +189,11 @@ def read_index(path: Path, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volume
     try:
         with path.open("rb") as stream:
             data = stream.read(limits.max_index_bytes + 1)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise VolumeError(f"volume index {path} not found: it lists the volumes and their hashes; "
-                          "copy it from the same build (or re-run airgap copy)") from None
+                          "copy it from the same build (or re-run airgap copy)") from exc
     except OSError as exc:
-        raise VolumeError(f"cannot read volume index {path}: {exc.strerror}") from None
+        raise VolumeError(f"cannot read volume index {path}: {exc.strerror}") from exc
     index = parse_index(data, limits)
     if path.name != index.index_name:
         raise FormatError(f"volume index {path.name} describes bundle file {index.bundle_file!r}: "
@@ -208,7 +208,7 @@ def parse_index(data: bytes, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volu
     try:
         raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"volume index is not valid JSON: {str(exc)[:120]}") from None
+        raise FormatError(f"volume index is not valid JSON: {str(exc)[:120]}") from exc
     doc = JsonObject(raw, "volume index")
     if raw.get("_type") != INDEX_TYPE:
         raise FormatError(f"not an airgap volume index: expected _type {INDEX_TYPE!r}, found {raw.get('_type')!r}")

@@ -73,7 +73,7 @@ class ParityCode:
         try:
             return [bytes(b) for b in self._decoder.decode(blocks, numbers)]
         except (zfec.Error, ValueError) as exc:
-            raise VolumeError(f"rebuilding a stripe failed: {exc}") from None
+            raise VolumeError(f"rebuilding a stripe failed: {exc}") from exc
 
     @staticmethod
     def _check_lengths(blocks: Sequence[bytes]) -> None:

@@ -138,7 +138,7 @@ def open_bundle(path: Path, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Itera
         try:
             handle = target.open("rb")
         except OSError as exc:
-            raise VolumeError(f"cannot open {target}: {describe_os_error(exc)}") from None
+            raise VolumeError(f"cannot open {target}: {describe_os_error(exc)}") from exc
         with handle:
             yield BundleStream(_file_chunks(handle), os.fstat(handle.fileno()).st_size, None)
         return
@@ -437,8 +437,8 @@ class _VolumeReader:
         want = max(0, min(length, size - offset))
         try:
             data = os.pread(self._fd(share), want, offset) if want else b""
-        except OSError:
-            raise _Unreadable(share) from None
+        except OSError as exc:
+            raise _Unreadable(share) from exc
         if len(data) != want:
             raise _Unreadable(share)
         return data + bytes(length - want)

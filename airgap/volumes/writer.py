@@ -164,7 +164,7 @@ class _VolumeSetWriter:
             fsync_dir(self.dest)
         except OSError as exc:
             raise VolumeError(f"writing {self.current or self.dest} in {self.dest} failed: "
-                              f"{describe_os_error(exc)}; run the same command again to finish") from None
+                              f"{describe_os_error(exc)}; run the same command again to finish") from exc
         return CopyReport(index, self.dest, tuple(self.written), tuple(self.unchanged), readme, self.bytes_written,
                           time.monotonic() - started)
 

@@ -84,7 +84,7 @@ def _open(path: Path) -> gguf.GGUFReader:
     except _Truncated as error:
         size = path.stat().st_size
         message = f"{path}: GGUF file truncated: {size} bytes, data expected at offset {error.offset}"
-        raise FormatError(message) from None
+        raise FormatError(message) from error
     except (ValueError, KeyError, IndexError, OverflowError, TypeError) as error:
         raise FormatError(f"{path}: malformed GGUF header: {error}") from error
     except OSError as error:
