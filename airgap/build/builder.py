@@ -69,11 +69,11 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
         wheels = _collect_wheels(spec, options, work / "wheels")
         bootstrap = _bootstrap_requirements(spec, wheels, work)
         # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
-        raw_paths = {bootstrap[1].path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap[2])}
+        raw_paths = {bootstrap.entry.path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap.packages)}
         packed = work / "packed"
         packed.mkdir()
         payload = [prepare_entry(path, entry, packed, compress=entry.path not in raw_paths)
-                   for path, entry in [*model_files, *wheels_payload(wheels), bootstrap[:2]]]
+                   for path, entry in [*model_files, *wheels_payload(wheels), (bootstrap.path, bootstrap.entry)]]
         draft = Manifest(
             name=spec.name, version=spec.version, created=created,
             expires=created + timedelta(days=options.expires_days or spec.expires_days),
@@ -175,9 +175,16 @@ def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:
                                source=dict(w.source))) for w in wheels]
 
 
-def _bootstrap_requirements(
-    spec: Spec, wheels: list[ResolvedWheel], work: Path
-) -> tuple[Path, FileEntry, set[str]]:
+@dataclass(frozen=True)
+class Bootstrap:
+    """The hashed requirements file that installs airgap alone, and the packages it names."""
+
+    path: Path
+    entry: FileEntry
+    packages: frozenset[str]
+
+
+def _bootstrap_requirements(spec: Spec, wheels: list[ResolvedWheel], work: Path) -> Bootstrap:
     """Pinned, hashed requirements for airgap alone, so an operator can install the tool with plain pip."""
     needed = resolve_wheels(
         runtime_requirements(), dest=work / "bootstrap", find_links=[wheels[0].path.parent], no_index=True,
@@ -188,4 +195,4 @@ def _bootstrap_requirements(
     path = work / BOOTSTRAP_REQUIREMENTS
     path.write_text("".join(lines))
     entry = FileEntry(path=BOOTSTRAP_REQUIREMENTS, size=0, sha256="0" * 64, kind="meta", source={"type": "generated"})
-    return path, entry, names
+    return Bootstrap(path=path, entry=entry, packages=frozenset(names))
