@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.build.builder import BOOTSTRAP_REQUIREMENTS, BuildOptions, build_bundle, creation_time
 from airgap.build.sources.gguf_meta import read_gguf_metadata
@@ -19,7 +20,7 @@ from airgap.build.spec import Spec, load_spec
 from airgap.bundle.container import Head, read_head, read_payload
 from airgap.bundle.drops import create_root, write_root_file
 from airgap.errors import MissingDependencyError, SpecError
-from airgap.trust.signing import Ed25519PrivateKey, TrustPolicy, key_id
+from airgap.trust.signing import TrustPolicy, key_id
 from tests.support import write_spec
 
 EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z

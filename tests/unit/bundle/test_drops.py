@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import Head, prepare_entry, read_head, read_head_from_path, read_payload
 from airgap.bundle.drops import (
@@ -23,10 +24,10 @@ from airgap.bundle.drops import (
     write_root_file,
 )
 from airgap.errors import AirgapError, IntegrityError, SpecError, TrustError
-from airgap.format.manifest import BaseRef, FileEntry, Manifest, ModelEntry
+from airgap.format.manifest import BaseRef, FileEntry, FileKind, Manifest, ModelEntry
 from airgap.streams.pipeline import digest_bytes
 from airgap.trust.roots import Root, parse_root
-from airgap.trust.signing import Ed25519PrivateKey, TrustPolicy, key_id, sign
+from airgap.trust.signing import TrustPolicy, key_id, sign
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 WEIGHTS = b"GGUF" + bytes(range(256)) * 64
@@ -44,7 +45,7 @@ def build(folder: Path, version: str, files: dict[str, bytes], key: Ed25519Priva
     for rel, data in files.items():
         local = src / rel.replace("/", "__")
         local.write_bytes(data)
-        kind = "model" if rel.startswith("models/") else "meta"
+        kind: FileKind = "model" if rel.startswith("models/") else "meta"
         payload.append(prepare_entry(local, FileEntry(path=rel, size=0, sha256="0" * 64, kind=kind), work))
     draft = Manifest(name=name, version=version, created=T0, expires=T0 + timedelta(days=30), tool_version="test",
                      files=(), models=(ModelEntry("m", ("models/m/w.gguf",)),))

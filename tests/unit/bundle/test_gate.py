@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import read_head, read_head_from_path, read_payload
 from airgap.bundle.drops import cosign_bundle, create_root
@@ -21,7 +22,7 @@ from airgap.errors import FormatError, SignatureError, TrustError
 from airgap.format.manifest import DEFAULT_LIMITS, FileEntry, Limits
 from airgap.trust.acceptance import NO_OVERRIDES, Overrides
 from airgap.trust.roots import Root
-from airgap.trust.signing import Ed25519PrivateKey, TrustPolicy, encode_signatures, key_id
+from airgap.trust.signing import TrustPolicy, encode_signatures, key_id
 from tests.support import make_test_bundle
 
 NOW = datetime(2026, 1, 2, 12, tzinfo=UTC)  # make_test_bundle's bundles: created 2026-01-02, valid one day

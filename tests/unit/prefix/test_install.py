@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import read_head_from_path
 from airgap.errors import InstallError, IntegrityError, PolicyError, SignatureError
-from airgap.prefix.install import generation_id, install_bundle, rollback, store_path
+from airgap.prefix.install import InstallReport, generation_id, install_bundle, rollback, store_path
 from airgap.prefix.state import load_state
 from airgap.streams.pipeline import digest_bytes
-from airgap.trust.signing import Ed25519PrivateKey, TrustPolicy, key_id
+from airgap.trust.signing import TrustPolicy, key_id
 from tests.support import make_test_bundle
 
 CLOCK = datetime(2026, 1, 2, 12, tzinfo=UTC)  # make_test_bundle's bundles are valid on 2026-01-02
@@ -44,7 +45,7 @@ def snapshot(prefix: Path) -> Snapshot:
                     state.read_bytes() if state.exists() else b"", tree)
 
 
-def install(bundle: Path, prefix: Path, key: Ed25519PrivateKey, clock: datetime = CLOCK) -> object:
+def install(bundle: Path, prefix: Path, key: Ed25519PrivateKey, clock: datetime = CLOCK) -> InstallReport:
     return install_bundle(bundle, prefix, TrustPolicy((key.public_key(),)), clock=clock, progress=False)
 
 
@@ -76,9 +77,9 @@ def test_second_version_reuses_the_store_and_rolls_back(tmp_path: Path, key: Ed2
     prefix = tmp_path / "prefix"
     first = install(make_test_bundle(tmp_path / "b1", V1, key, version="1.0"), prefix, key)
     second = install(make_test_bundle(tmp_path / "b2", V2, key, version="1.1"), prefix, key)
-    assert second.reused_bytes == len(WEIGHTS)  # type: ignore[attr-defined]
-    assert second.written_bytes == len(V2["notes.txt"])  # type: ignore[attr-defined]
-    gen1, gen2 = first.generation.id, second.generation.id  # type: ignore[attr-defined]
+    assert second.reused_bytes == len(WEIGHTS)
+    assert second.written_bytes == len(V2["notes.txt"])
+    gen1, gen2 = first.generation.id, second.generation.id
     assert os.readlink(prefix / "current") == f"versions/{gen2}"
     assert (prefix / "current" / "notes.txt").read_bytes() == V2["notes.txt"]
 
@@ -98,8 +99,8 @@ def test_reinstall_reads_it_all_and_writes_nothing(tmp_path: Path, key: Ed25519P
     first = install(b1, prefix, key)
     before = snapshot(prefix)
     again = install(b1, prefix, key)
-    assert again.already_installed and again.written_bytes == 0  # type: ignore[attr-defined]
-    assert again.generation == first.generation  # type: ignore[attr-defined]
+    assert again.already_installed and again.written_bytes == 0
+    assert again.generation == first.generation
     assert snapshot(prefix) == before
 
 
@@ -162,9 +163,9 @@ def test_leftovers_of_a_crashed_install_are_cleaned(tmp_path: Path, key: Ed25519
     (prefix / "staging" / "b-1.1-0123456789ab").mkdir(parents=True)  # what a crash before `ready` leaves
     (prefix / "staging" / "b-1.1-0123456789ab" / "half").write_bytes(b"half a file")
     (prefix / "versions" / "b-1.1-0123456789ab").mkdir()
-    install(make_test_bundle(tmp_path / "b2", V2, key, version="1.1"), prefix, key)
+    second = install(make_test_bundle(tmp_path / "b2", V2, key, version="1.1"), prefix, key)
     assert sorted(p.name for p in (prefix / "versions").iterdir()) == sorted(
-        [first.generation.id, load_state(prefix).active])  # type: ignore[attr-defined]
+        [first.generation.id, second.generation.id])
     assert not (prefix / "staging").exists()
 
 

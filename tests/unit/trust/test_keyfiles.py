@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import read_head_from_path
 from airgap.cli import main
@@ -26,7 +27,7 @@ from airgap.trust.keyfiles import (
     trust_from_files,
     write_keypair,
 )
-from airgap.trust.signing import Ed25519PrivateKey, key_id, sign
+from airgap.trust.signing import key_id, sign
 from tests.support import REPO, make_test_bundle
 
 
