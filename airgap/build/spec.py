@@ -70,7 +70,7 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
         raise SpecError(f"{path}: model ids must be unique, found {ids}")
     python = _python(raw.get("python", {}), base, path)
     expires = bundle.get("expires_days", DEFAULT_EXPIRES_DAYS)
-    if not isinstance(expires, int) or expires < 1:
+    if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
         raise SpecError(f"{path}: bundle.expires_days must be a positive integer, found {expires!r}")
     return Spec(path=path, name=name, version=version, models=models, python=python, expires_days=expires)
 

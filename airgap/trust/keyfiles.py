@@ -31,9 +31,9 @@ def write_keypair(stem: Path, passphrase: bytes | None, overwrite: bool = False)
     pair = generate_keypair(passphrase)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     fd = os.open(private, flags, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_TRUNC: narrow it before the secret lands
     with os.fdopen(fd, "wb") as out:
         out.write(pair.private_pem)
-    private.chmod(0o600)
     public.write_bytes(pair.public_pem)
     return KeyFiles(private, public, key_id(load_public_key(pair.public_pem, str(public))))
 
