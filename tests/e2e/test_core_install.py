@@ -27,12 +27,17 @@ def test_build_without_the_build_extra_names_the_extra(tmp_path: Path, wheelhous
                    capture_output=True)
     spec = write_spec(tmp_path, model=tiny_model, wheelhouse=wheelhouse)
 
-    done = subprocess.run([str(venv / "bin" / "airgap"), "build", str(spec), "--key", f"{keys}.key",
-                           "-o", str(tmp_path / "dist")], capture_output=True, text=True, check=False)
-
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert "needs gguf (for reading the models' GGUF metadata)" in lines[0]
-    assert "pip install 'airgap[build]'" in lines[0]
+    hub_spec = tmp_path / "hub.toml"
+    hub_spec.write_text('[bundle]\nname = "h"\nversion = "1"\n[[models]]\nid = "m"\nrepo = "org/m"\nfile = "m.gguf"\n')
+    extra = ("which airgap's core install lacks; install the build extra on the connected host: "
+             "pip install 'airgap[build]'")
+    for path, needs in [
+        (spec, "gguf (for reading the models' GGUF metadata)"),
+        (hub_spec, "gguf (for reading the models' GGUF metadata) and huggingface_hub (for fetching models from the "
+                   "Hugging Face hub)"),
+    ]:
+        done = subprocess.run([str(venv / "bin" / "airgap"), "build", str(path), "--key", f"{keys}.key",
+                               "-o", str(tmp_path / "dist")], capture_output=True, text=True, check=False)
+        assert done.returncode != 0
+        assert done.stderr.splitlines() == [f"airgap: error: this spec needs {needs}, {extra}"]
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 import tarfile
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from airgap.build.sources.gguf_meta import read_gguf_metadata
 from airgap.build.spec import Spec, load_spec
 from airgap.bundle.container import Head, read_head, read_payload
 from airgap.bundle.drops import create_root, write_root_file
-from airgap.errors import MissingDependencyError, SpecError
+from airgap.errors import SpecError
 from airgap.trust.signing import TrustPolicy, key_id
 from tests.support import write_spec
 
@@ -140,25 +139,3 @@ def test_signer_not_a_release_key_of_the_newest_root(built: Build, tmp_path: Pat
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
 
 
-def test_missing_build_extra_named_in_one_line(built: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The core install lacks gguf (and huggingface_hub): build says which extra to install, before any work."""
-    real = importlib.util.find_spec
-
-    def without_build_extra(name: str, *args: object) -> object:
-        return None if name in ("gguf", "huggingface_hub") else real(name, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(importlib.util, "find_spec", without_build_extra)
-    with pytest.raises(MissingDependencyError, match=r"^this spec needs gguf \(for reading the models' GGUF "
-                                                     r"metadata\), which airgap's core install lacks; install the "
-                                                     r"build extra on the connected host: pip install "
-                                                     r"'airgap\[build\]'$"):
-        build(built.spec, built.key, tmp_path / "local")
-    hub = tmp_path / "hub.toml"
-    hub.write_text('[bundle]\nname = "h"\nversion = "1"\n[[models]]\nid = "m"\nrepo = "org/m"\nfile = "m.gguf"\n')
-    with pytest.raises(MissingDependencyError, match=r"^this spec needs gguf \(for reading the models' GGUF "
-                                                     r"metadata\) and huggingface_hub \(for fetching models from "
-                                                     r"the Hugging Face hub\), which airgap's core install lacks; "
-                                                     r"install the build extra on the connected host: pip install "
-                                                     r"'airgap\[build\]'$"):
-        build(load_spec(hub), built.key, tmp_path / "hub")
-    assert not (tmp_path / "local").exists() and not (tmp_path / "hub").exists()
