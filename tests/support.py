@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE_REQUIREMENTS = ["click", "jinja2", "markupsafe", "cryptography", "cffi", "pycparser", "zstandard",
-                           "packaging", "tqdm", "zfec"]
+                           "packaging", "tqdm", "zfec", "installer"]
 
 
 def offline(command: list[str]) -> list[str]:
