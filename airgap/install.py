@@ -24,7 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from airgap.bundle import FileSink, Head, Sink, read_head, read_payload
-from airgap.errors import AirgapError, DiskFullError, FormatError, InstallError, PolicyError, TrustError
+from airgap.errors import (
+    AirgapError,
+    DiskFullError,
+    FormatError,
+    InstallError,
+    PolicyError,
+    TrustError,
+    UnsafePathError,
+)
 from airgap.fsio import check_private_path, fsync_dir, remove_tree, write_new
 from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
 from airgap.hashing import digest_file
@@ -344,8 +352,10 @@ def _stage(tar: object, head: Head, gate_for: Callable[[SinkFactory], TrustGate]
            progress: bool) -> tuple[int, Authenticated]:
     """Verify the payload into staging; the gate authenticates before the first file is written."""
     manifest = head.manifest
-    remove_tree(staging.parent)
-    staging.parent.mkdir(mode=0o755)  # fresh, ours: recover() removed whatever was there, a link included
+    staging.parent.mkdir(mode=0o755, exist_ok=True)
+    if staging.parent.is_symlink():  # recover() removed any; one planted since is refused, never staged through
+        raise UnsafePathError(f"{staging.parent} is a symlink airgap did not make; remove it")
+    remove_tree(staging)
     staging.mkdir(mode=0o755)
     written = 0
 
