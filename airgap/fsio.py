@@ -78,8 +78,9 @@ def check_private_path(prefix: Path, inside: tuple[str, ...], uid: int) -> None:
         raise UnsafePathError(f"prefix {absolute} is a symlink to {os.readlink(absolute)}, which does not exist; "
                               f"create that folder or pass the real path")
     real = Path(os.path.realpath(absolute))
-    for folder in _ancestors(absolute) | _ancestors(real):
-        _check_owner_and_mode(folder, uid, allow_sticky=True)
+    for folder in sorted(_ancestors(absolute) | _ancestors(real)):
+        if folder.exists():  # the missing ones airgap creates itself, 0755
+            _check_owner_and_mode(folder, uid, allow_sticky=True)
     if not real.exists():
         return
     if not real.is_dir():
