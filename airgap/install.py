@@ -74,6 +74,7 @@ from airgap.wheelinstall import (
     WheelContents,
     WheelToInstall,
     check_venv_records,
+    examine_wheel,
     install_wheels,
     wheel_contents_from_bytes,
 )
@@ -253,6 +254,8 @@ def install_bundle(
                 written, auth = _stage(tar, head, lambda inner: TrustGate(head, anchor, now, overrides, inner),
                                        prefix, staging, progress)
                 reached("staged")
+                for wheel in _wheels(prefix, manifest, staging):  # before any of it reaches the store
+                    examine_wheel(wheel)
                 _store(prefix, staging)
                 reached("stored")
                 generation = _assemble(prefix, manifest, head, gen_id, clock, [*used, *auth.overrides])
@@ -411,9 +414,15 @@ def _assemble(
     )
 
 
-def _wheels(prefix: Path, manifest: Manifest) -> list[WheelToInstall]:
-    return [WheelToInstall(store_path(prefix, manifest.file(p.path).sha256), Path(p.path).name, p.name, p.version)
-            for p in manifest.packages]
+def _wheels(prefix: Path, manifest: Manifest, staging: Path | None = None) -> list[WheelToInstall]:
+    """The manifest's wheels in the store, or where they were staged (those the store had already are there)."""
+    wheels = []
+    for package in manifest.packages:
+        sha = manifest.file(package.path).sha256
+        staged = staging / sha if staging is not None else None
+        blob = staged if staged is not None and staged.is_file() else store_path(prefix, sha)
+        wheels.append(WheelToInstall(blob, Path(package.path).name, package.name, package.version))
+    return wheels
 
 
 def _link(link: Path, target: Path) -> None:
