@@ -197,7 +197,10 @@ def trust_create(out: Path, version: int, root_keys: tuple[Path, ...], root_thre
 @click.argument("root_file", type=click.Path(path_type=Path))
 @prefix_option
 @click.option("--force", is_flag=True, help="Replace a different root already pinned (an out-of-band decision).")
-def trust_init(root_file: Path, prefix: Path, force: bool) -> None:
+@click.option("--reset-time-floor", is_flag=True,
+              help="With --force: lower the trusted-time floor to this host's clock (recorded in state.json), "
+                   "after a bundle claiming a future creation time raised it.")
+def trust_init(root_file: Path, prefix: Path, force: bool, reset_time_floor: bool) -> None:
     """Pin ROOT_FILE as this host's trusted root (once, out of band); later roots come inside bundles."""
     from airgap.prefix.install import trust_init as pin
 
@@ -205,7 +208,7 @@ def trust_init(root_file: Path, prefix: Path, force: bool) -> None:
         data = root_file.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read root file {root_file}: {exc.strerror}") from exc
-    root = pin(prefix, data, force=force)
+    root = pin(prefix, data, force=force, reset_time_floor=reset_time_floor)
     click.echo(f"trusting root version {root.version} under {prefix}: release needs {root.release.threshold} of "
                f"{len(root.release.keys)} key(s), rotation {root.root.threshold} of {len(root.root.keys)}")
 
@@ -216,15 +219,23 @@ def trust_init(root_file: Path, prefix: Path, force: bool) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @json_option
 def inspect(bundle: Path, as_json: bool) -> None:
-    """Show what a bundle holds (reads only its head; checks nothing: use verify)."""
+    """Show what a bundle holds, with what its wheels run at every start (.pth files) and put on PATH
+    (scripts). Reads the head and the wheels, not the weights; checks no signature: use verify."""
     from airgap.bundle.container import read_head
-    from airgap.prefix.install import open_bundle
+    from airgap.prefix.install import bundle_wheels, open_bundle
 
     with open_bundle(bundle) as stream:
         head, _ = read_head(stream)
     manifest = head.manifest
+    try:
+        wheels, wheels_error = bundle_wheels(bundle), None
+    except AirgapError as exc:  # a head-only copy, a damaged payload: the head is still worth showing
+        wheels, wheels_error = (), exc.message
     data = {"manifest_sha256": head.manifest_sha256, "signatures": [s.keyid for s in head.signatures],
-            **manifest.to_dict()}
+            **manifest.to_dict(),
+            "wheels": [{"path": w.path, "pth_files": list(w.contents.pth_files) if w.contents else [],
+                        "scripts": list(w.contents.scripts) if w.contents else [], "problem": w.problem}
+                       for w in wheels], "wheels_error": wheels_error}
     lines = [f"{manifest.name} {manifest.version}  created {data['created']}  expires {data['expires']}",
              f"manifest sha256 {head.manifest_sha256}",
              f"signed by {', '.join(s.keyid[:16] for s in head.signatures) or 'nobody'}"]
@@ -232,6 +243,17 @@ def inspect(bundle: Path, as_json: bool) -> None:
         lines.append(f"update drop on top of {manifest.base.name} {manifest.base.version}")
     lines += [f"model {m.id}: {', '.join(m.files)}" for m in manifest.models]
     lines.append(f"{len(manifest.files)} files, {manifest.total_size} bytes, {len(manifest.packages)} wheels")
+    if wheels_error:
+        lines.append(f"wheels not listed: {wheels_error}")
+    for wheel in wheels:
+        if wheel.contents is None:
+            lines.append(f"wheel {wheel.path}: install would refuse it: {wheel.problem}")
+            continue
+        if wheel.contents.pth_files:
+            lines.append(f"wheel {wheel.path}: .pth run at every start of the venv's Python: "
+                         f"{', '.join(wheel.contents.pth_files)}")
+        if wheel.contents.scripts:
+            lines.append(f"wheel {wheel.path}: scripts {', '.join(wheel.contents.scripts)}")
     _emit(as_json, data, "\n".join(lines))
 
 
@@ -241,10 +263,16 @@ def _echo_repairs(repairs: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"repaired {repair}")
 
 
-def _overrides(allow_downgrade: bool = False, allow_expired: bool = False) -> Any:
+def _overrides(allow_downgrade: bool = False, allow_expired: bool = False, allow_future_created: bool = False) -> Any:
     from airgap.trust.acceptance import Overrides
 
-    return Overrides(allow_downgrade=allow_downgrade, allow_expired=allow_expired)
+    return Overrides(allow_downgrade=allow_downgrade, allow_expired=allow_expired,
+                     allow_future_created=allow_future_created)
+
+
+def future_option(func: F) -> F:
+    return click.option("--allow-future-created", is_flag=True,
+                        help="Accept a bundle created more than a day ahead of this host's clock (recorded).")(func)
 
 
 def _anchor(trust_keys: tuple[Path, ...], prefix: Path) -> Any:
@@ -256,25 +284,47 @@ def _anchor(trust_keys: tuple[Path, ...], prefix: Path) -> Any:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @trust_option
 @prefix_option
 @click.option("--allow-expired", is_flag=True, help="Accept a bundle past its expiry date.")
+@future_option
+@click.option("--installed", is_flag=True,
+              help="Instead of a bundle, re-hash everything installed under --prefix (store, links, venv files).")
 @json_option
 @quiet_option
-def verify(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_expired: bool, as_json: bool,
-           quiet: bool) -> None:
+def verify(bundle: Path | None, trust_keys: tuple[Path, ...], prefix: Path, allow_expired: bool,
+           allow_future_created: bool, installed: bool, as_json: bool, quiet: bool) -> None:
     """Check a bundle's signatures (--trust keys, else the root pinned under --prefix) and every file's size
-    and SHA-256, reading it once."""
+    and SHA-256, reading it once; or, with --installed, what is installed under --prefix."""
     from airgap.prefix.install import verify_bundle
 
+    if installed or bundle is None:
+        if bundle is not None or not installed:
+            raise click.UsageError("give a BUNDLE, or --installed (with --prefix) and no bundle")
+        _verify_installed(prefix, as_json, quiet)
+        return
     report = verify_bundle(bundle, _anchor(trust_keys, prefix),
-                           overrides=_overrides(allow_expired=allow_expired), progress=not quiet and not as_json)
+                           overrides=_overrides(allow_expired=allow_expired, allow_future_created=allow_future_created),
+                           progress=not quiet and not as_json)
     _echo_repairs(report.repairs, as_json)
     _emit(as_json, asdict(report),
           f"OK {report.name} {report.version}: signature by {', '.join(k[:16] for k in report.signers)}, "
           f"{report.files} files, {report.bytes} bytes verified"
           + (f"; an update drop on top of {report.base}" if report.base else ""))
+
+
+def _verify_installed(prefix: Path, as_json: bool, quiet: bool) -> None:
+    from airgap.errors import IntegrityError
+    from airgap.prefix.install import verify_installed
+
+    check = verify_installed(prefix, progress=not quiet and not as_json)
+    text = "\n".join(check.problems) if check.problems else (
+        f"OK {prefix}: {check.generations} version(s), {check.blobs} store blobs ({check.bytes} bytes) re-hashed, "
+        f"{check.venv_files} venv files checked")
+    _emit(as_json, {**asdict(check), "ok": check.ok}, text)
+    if not check.ok:
+        raise IntegrityError(f"{len(check.problems)} problem(s) under {prefix}, first: {check.problems[0]}")
 
 
 @main.command()
@@ -283,9 +333,10 @@ def verify(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_expir
 @prefix_option
 @click.option("--allow-downgrade", is_flag=True, help="Accept a version lower than one already accepted.")
 @click.option("--allow-expired", is_flag=True, help="Accept a bundle past its expiry date.")
+@future_option
 @quiet_option
 def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_downgrade: bool, allow_expired: bool,
-            quiet: bool) -> None:
+            allow_future_created: bool, quiet: bool) -> None:
     """Verify BUNDLE while unpacking it, install it under PREFIX and make it active atomically.
 
     Trust: --trust keys if given, else the root pinned under PREFIX (`airgap trust init`)."""
@@ -293,7 +344,8 @@ def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_down
     from airgap.trust.keyfiles import trust_from_files
 
     trust = trust_from_files(list(trust_keys)) if trust_keys else None
-    report = install_bundle(bundle, prefix, trust, _overrides(allow_downgrade, allow_expired), progress=not quiet)
+    report = install_bundle(bundle, prefix, trust, _overrides(allow_downgrade, allow_expired, allow_future_created),
+                            progress=not quiet)
     gen = report.generation
     _echo_repairs(report.repairs, False)
     if report.already_installed:
@@ -320,6 +372,7 @@ def status(prefix: Path, as_json: bool) -> None:
             lines += [f"    model {m.id}: {m.path} ({m.size} bytes)" for m in gen.models]
     if lines and state.trusted_root is not None:
         lines.append(f"trusted root: version {state.trusted_root}")
+    lines += [f"trusted-time floor reset at {r.at} (it was {r.previous_floor})" for r in state.time_floor_resets]
     _emit(as_json, asdict(state), "\n".join(lines) or f"nothing installed under {prefix}")
 
 

@@ -47,6 +47,14 @@ class InstallError(AirgapError):
     """Installing failed; the previously active version is untouched."""
 
 
+class UnsafePathError(InstallError):
+    """The prefix, or a folder above it, could be changed by another user; or a name in it is a planted link."""
+
+
+class DiskFullError(InstallError):
+    """The file system of the prefix ran out of space; nothing was changed."""
+
+
 class ResolveError(AirgapError):
     """Python requirements could not be resolved or fetched."""
 

@@ -11,7 +11,7 @@ machine slows both alike) and reporting medians, it times:
 
 - `airgap build` (local sources) vs `tar -I 'zstd -T0' -cf` of the same files;
 - `airgap verify` vs `sha256sum -c` and `openssl dgst -sha256` of the same files;
-- `airgap install` (verify + unpack + store + virtualenv + pip) vs `zstd -dc | tar -x` (checks
+- `airgap install` (verify + unpack + store + virtualenv + wheel installer) vs `zstd -dc | tar -x` (checks
   nothing) and vs the careful manual way (`sha256sum -c` of the archive, extract, `sha256sum -c` of
   the files, then `python -m venv` and `pip install --no-index --require-hashes` of the same wheels).
 
@@ -81,7 +81,7 @@ main()
 """
 PHASES = {
     "build": "airgap.build.builder:resolve_wheels:pip_resolve_s",
-    "install": "airgap.prefix.install:_install_wheels:venv_pip_s",
+    "install": "airgap.prefix.install:install_wheels:venv_pip_s",  # venv + wheel installer (no pip any more)
     "verify": "",
 }
 

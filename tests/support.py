@@ -52,15 +52,18 @@ def write_spec(folder: Path, *, name: str = "tiny-chat", version: str = "1.0.0",
 
 
 def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name: str = "b", version: str = "1.0",
-                     expires_days: int = 1, models: tuple[object, ...] = ()) -> Path:
-    """A real signed bundle written in-process (no pip, no CLI): `.gguf` paths are models, the rest meta."""
+                     expires_days: int = 1, models: tuple[object, ...] = (), kinds: dict[str, str] | None = None,
+                     packages: tuple[tuple[str, str, str], ...] | None = None, created: object = None) -> Path:
+    """A real signed bundle written in-process (no pip, no CLI): `.gguf` paths are models, `.whl` paths
+    wheels (with a python package each, named by the file name, unless `packages` says otherwise: (name,
+    version, path) triples), the rest meta; `kinds` overrides the kind of a path (a hostile signer may)."""
     from datetime import UTC, datetime, timedelta
 
     from airgap.bundle.container import prepare_entry, write_bundle
-    from airgap.format.manifest import FileEntry, Manifest
+    from airgap.format.manifest import FileEntry, Manifest, PythonPackage
     from airgap.trust.signing import sign
 
-    created = datetime(2026, 1, 2, tzinfo=UTC)
+    made = created if isinstance(created, datetime) else datetime(2026, 1, 2, tzinfo=UTC)
     folder.mkdir(parents=True, exist_ok=True)
     packed = folder / "packed"
     packed.mkdir(exist_ok=True)
@@ -68,13 +71,47 @@ def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name
     for path, data in files.items():
         source = folder / path.replace("/", "_")
         source.write_bytes(data)
-        kind = "model" if path.endswith(".gguf") else "meta"
-        payload.append(prepare_entry(source, FileEntry(path, 0, "0" * 64, kind), packed))
-    draft = Manifest(name, version, created, created + timedelta(days=expires_days), "0.1.0",
-                     tuple(p.entry for p in payload), models=models)  # type: ignore[arg-type]
+        kind = "model" if path.endswith(".gguf") else "wheel" if path.endswith(".whl") else "meta"
+        kind = (kinds or {}).get(path, kind)
+        payload.append(prepare_entry(source, FileEntry(path, 0, "0" * 64, kind), packed))  # type: ignore[arg-type]
+    if packages is None:
+        wheels = [p for p in files if p.endswith(".whl") and Path(p).name.count("-") >= 4]  # named as PEP 427 says
+        packages = tuple((Path(p).name.split("-")[0], Path(p).name.split("-")[1], p) for p in wheels)
+    draft = Manifest(name, version, made, made + timedelta(days=expires_days), "0.1.0",
+                     tuple(p.entry for p in payload), models=models,  # type: ignore[arg-type]
+                     packages=tuple(PythonPackage(*p) for p in packages))
     out = folder / f"{name}-{version}.airgap"
     payload.sort(key=lambda p: p.entry.kind == "model")  # small files first, as `airgap build` orders them
     write_bundle(out, draft, payload, lambda data: [sign(data, key)])  # type: ignore[arg-type]
+    return out
+
+
+def write_wheel(folder: Path, name: str, version: str, files: dict[str, bytes], *, entry_points: str = "",
+                record: dict[str, bytes] | None = None, dist_info: str | None = None) -> Path:
+    """A wheel `<name>-<version>-py3-none-any.whl` of `files`, with WHEEL, METADATA and a RECORD of their
+    hashes (of `record`'s bytes instead, for a path it names: a RECORD that lies)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = dist_info or f"{name}-{version}.dist-info"
+    members = dict(files)
+    members[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    members[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    if entry_points:
+        members[f"{info}/entry_points.txt"] = entry_points.encode()
+    rows = []
+    for path, data in members.items():
+        hashed = (record or {}).get(path, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(hashed).digest()).rstrip(b"=").decode()
+        rows.append(f"{path},sha256={digest},{len(hashed)}\n")
+    rows.append(f"{info}/RECORD,,\n")
+    out = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w") as archive:
+        for path, data in members.items():
+            archive.writestr(path, data)
+        archive.writestr(f"{info}/RECORD", "".join(rows))
     return out
 
 

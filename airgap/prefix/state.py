@@ -63,6 +63,14 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class FloorReset:
+    """The operator lowered the trusted-time floor (a bundle had claimed a creation time in the future)."""
+
+    at: str
+    previous_floor: str
+
+
+@dataclass(frozen=True)
 class State:
     active: str | None = None
     generations: tuple[Generation, ...] = ()
@@ -70,6 +78,7 @@ class State:
     pending: Pending | None = None
     accepted: dict[str, dict[str, str]] = field(default_factory=dict)  # per bundle name
     trusted_root: int | None = None  # version of PREFIX/trust/root.N.json in force; None: --trust only
+    time_floor_resets: tuple[FloorReset, ...] = ()  # each `trust init --force --reset-time-floor`
 
     def generation(self, gen_id: str) -> Generation | None:
         return next((g for g in self.generations if g.id == gen_id), None)
@@ -79,6 +88,20 @@ class State:
 
     def with_accepted(self, name: str, acceptance: Acceptance) -> State:
         return replace(self, accepted={**self.accepted, name: acceptance_record(acceptance)})
+
+    def with_time_floor_reset(self, clock: datetime) -> State:
+        """Lower every remembered creation time above `clock` to `clock`, recording the floor it replaces."""
+        floor = self.time_floor()
+        if floor is None or floor <= clock:
+            return self
+        accepted = {}
+        for name in self.accepted:
+            acceptance = self.acceptance(name)
+            if acceptance.newest_created is not None and acceptance.newest_created > clock:
+                acceptance = replace(acceptance, newest_created=clock)
+            accepted[name] = acceptance_record(acceptance)
+        reset = FloorReset(at=format_time(clock), previous_floor=format_time(floor))
+        return replace(self, accepted=accepted, time_floor_resets=(*self.time_floor_resets, reset))
 
     def time_floor(self) -> datetime | None:
         """The newest creation time accepted for any bundle: this host's clock never goes below it."""
@@ -145,6 +168,7 @@ def load_state(prefix: Path) -> State:
             pending=_pending(raw.get("pending")),
             accepted=dict(raw.get("accepted", {})),
             trusted_root=raw.get("trusted_root"),
+            time_floor_resets=tuple(FloorReset(**r) for r in raw.get("time_floor_resets", [])),
         )
     except (TypeError, AttributeError) as exc:
         raise InstallError(f"{path}: installed state is malformed: {exc}") from exc
@@ -238,8 +262,12 @@ def swap_symlink(link: Path, target: str) -> None:
 @contextlib.contextmanager
 def prefix_lock(prefix: Path) -> Iterator[None]:
     """One writer per prefix at a time; a second install waits for none and is refused at once."""
-    prefix.mkdir(parents=True, exist_ok=True)
-    with (prefix / ".lock").open("a") as handle:
+    prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        fd = os.open(prefix / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise InstallError(f"cannot open the lock file {prefix / '.lock'}: {exc.strerror}") from exc
+    with os.fdopen(fd, "r+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from packaging.version import InvalidVersion, Version
 
@@ -32,6 +32,10 @@ class Overrides:
 
     allow_downgrade: bool = False
     allow_expired: bool = False
+    allow_future_created: bool = False
+
+
+MAX_CLOCK_SKEW = timedelta(days=1)  # how far a bundle's creation time may lie ahead of this host's clock
 
 
 NO_OVERRIDES = Overrides()
@@ -85,6 +89,19 @@ def check_acceptance(
     return used
 
 
+def check_created(manifest: Manifest, clock: datetime, overrides: Overrides) -> list[str]:
+    """A creation time far ahead of the host's clock is refused: accepting it would raise the trusted-time
+    floor (see trusted_now) to that moment for good, expiring every root and bundle made before it."""
+    if manifest.created <= clock + MAX_CLOCK_SKEW:
+        return []
+    if not overrides.allow_future_created:
+        raise PolicyError(
+            f"bundle {manifest.name} {manifest.version} claims it was created at {format_time(manifest.created)}, "
+            f"more than {MAX_CLOCK_SKEW.days} day ahead of this host's clock ({format_time(clock)}); fix the clock, "
+            f"or use --allow-future-created if the clock is wrong")
+    return ["allow-future-created"]
+
+
 def _check_same_version(manifest: Manifest, manifest_sha256: str, installed: Mapping[str, str]) -> None:
     for version, sha in installed.items():
         if parse_version(version) == parse_version(manifest.version) and sha != manifest_sha256:
@@ -106,6 +123,9 @@ def check_root_fresh(version: int, expires: datetime, now: datetime, overrides: 
 def check_base(manifest: Manifest, installed_bases: Iterable[BaseRef]) -> None:
     """An update drop applies only on top of the exact version it names (name, version, manifest hash)."""
     base = manifest.base
+    if base is not None and base.name != manifest.name:
+        raise PolicyError(f"update drop {manifest.name} {manifest.version} names a base of another bundle, "
+                          f"{base.name} {base.version}; a drop applies only on top of a version of its own name")
     if base is None:
         absent = [e.path for e in manifest.files if not e.carried]
         if absent:

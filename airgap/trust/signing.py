@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from airgap.errors import FormatError, KeyFileError, SignatureError
 
-# The key types, named here so that no module outside airgap.trust imports cryptography.
+# The key types, named here so that no module outside this package imports cryptography.
 PrivateKey = Ed25519PrivateKey
 PublicKey = Ed25519PublicKey
 

@@ -168,7 +168,7 @@ def test_downgrade_refused_then_allowed(built: Built, installed: Path, tmp_path:
 def test_disk_full_during_install(built: Built, tmp_path: Path) -> None:
     """A tiny file system mounted over the staging area fills up mid-install (private mount namespace)."""
     prefix = tmp_path / "prefix"
-    script = (f'mkdir -p "{prefix}/staging" && mount -t tmpfs -o size=2m tmpfs "{prefix}/staging" && '
+    script = (f'mkdir -p "{prefix}/staging" && mount -t tmpfs -o size=2m,mode=0755 tmpfs "{prefix}/staging" && '
               f'exec "$@"')
     command = ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "airgap", "install",
                str(built.bundle), "--trust", str(built.keys.public), "--prefix", str(prefix), "-q"]
@@ -182,7 +182,7 @@ def test_disk_full_during_install(built: Built, tmp_path: Path) -> None:
 
 def test_not_enough_space_refused_before_writing(built: Built, tmp_path: Path) -> None:
     prefix = tmp_path / "small"
-    script = f'mkdir -p "{prefix}" && mount -t tmpfs -o size=4m tmpfs "{prefix}" && exec "$@"'
+    script = f'mkdir -p "{prefix}" && mount -t tmpfs -o size=4m,mode=0755 tmpfs "{prefix}" && exec "$@"'
     command = ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "airgap", "install",
                str(built.bundle), "--trust", str(built.keys.public), "--prefix", str(prefix), "-q"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -199,7 +199,7 @@ def test_killed_mid_install_then_rerun_completes(built: Built, installed: Path, 
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not list((installed / "versions").glob("tiny-chat-3.0.0-*/venv/bin/pip")):
+    while not list((installed / "versions").glob("tiny-chat-3.0.0-*/venv/pyvenv.cfg")):
         assert time.monotonic() < deadline and process.poll() is None, "install ended before it could be killed"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)

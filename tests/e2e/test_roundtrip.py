@@ -20,6 +20,18 @@ def test_inspect_reads_only_the_head(built: Built, tmp_path: Path) -> None:
     assert data["name"] == "tiny-chat"
     assert data["models"][0]["id"] == "tiny"
     assert {f["kind"] for f in data["files"]} == {"model", "wheel", "meta"}
+    assert data["wheels"] == [] and data["wheels_error"].startswith("bundle truncated")
+
+
+def test_inspect_lists_console_scripts_of_the_wheels(built: Built) -> None:
+    result = airgap("inspect", built.bundle, "--json")
+    assert result.code == 0, result.stderr
+    wheels = {Path(w["path"]).name.split("-")[0]: w for w in json.loads(result.stdout)["wheels"]}
+    assert wheels["airgap"]["scripts"] == ["airgap"] and wheels["airgap"]["problem"] is None
+    assert "tqdm" in wheels["tqdm"]["scripts"]
+    text = airgap("inspect", built.bundle).stdout
+    assert any(line.startswith("wheel wheels/airgap-") and line.endswith(": scripts airgap")
+               for line in text.splitlines())
 
 
 def test_verify_offline(built: Built) -> None:

@@ -107,3 +107,18 @@ def test_atomic_write_and_symlink_swap(tmp_path: Path) -> None:
     swap_symlink(tmp_path / "current", "versions/b")
     assert os.readlink(tmp_path / "current") == "versions/b"
     sync_filesystem(tmp_path)
+
+
+def test_resetting_the_time_floor_lowers_it_to_the_clock_and_is_recorded(tmp_path: Path) -> None:
+    future = datetime(2099, 1, 1, tzinfo=UTC)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    state = State().with_accepted("x", Acceptance("1.0", "a" * 64, future))
+    state = state.with_accepted("y", Acceptance("2.0", "b" * 64, datetime(2029, 1, 1, tzinfo=UTC)))
+    reset = state.with_time_floor_reset(now)
+    assert reset.time_floor() == now and reset.acceptance("x").highest_version == "1.0"
+    assert reset.acceptance("y") == state.acceptance("y")
+    assert [(r.at, r.previous_floor) for r in reset.time_floor_resets] == [("2030-01-01T00:00:00Z",
+                                                                             "2099-01-01T00:00:00Z")]
+    assert reset.with_time_floor_reset(now) == reset  # nothing above the clock: nothing to record
+    save_state(tmp_path, reset)
+    assert load_state(tmp_path) == reset

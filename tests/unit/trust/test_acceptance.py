@@ -107,3 +107,20 @@ def test_advance_keeps_the_highest_version_and_the_newest_time() -> None:
     downgraded = advance(first, manifest("1.1.0", created=later), OTHER)
     assert downgraded == Acceptance("1.2.0", SHA, later)
     assert advance(downgraded, manifest("1.3.0"), OTHER) == Acceptance("1.3.0", OTHER, later)
+
+
+def test_a_creation_time_far_ahead_of_the_clock_is_refused_unless_overridden() -> None:
+    from airgap.trust.acceptance import check_created
+
+    assert check_created(manifest(created=T0 + timedelta(hours=23)), T0, NO_OVERRIDES) == []
+    future = manifest(created=datetime(2099, 1, 1, tzinfo=UTC))
+    with pytest.raises(PolicyError, match=r"claims it was created at 2099-01-01T00:00:00Z, more than 1 day ahead of "
+                                          r"this host's clock \(2030-01-01T00:00:00Z\)"):
+        check_created(future, T0, NO_OVERRIDES)
+    assert check_created(future, T0, Overrides(allow_future_created=True)) == ["allow-future-created"]
+
+
+def test_a_drop_naming_a_base_of_another_bundle_name_is_refused() -> None:
+    other = BaseRef("y", "1.0.0", SHA)
+    with pytest.raises(PolicyError, match="update drop x 1.1.0 names a base of another bundle, y 1.0.0"):
+        check_base(manifest(base=other, absent=True), [other])
