@@ -14,8 +14,10 @@ from tests.support import REPO
 
 PACKAGE = REPO / "airgap"
 OWNERS = {"huggingface_hub": {"sources/hf.py"}, "click": {"cli.py"}, "jinja2": {"templates.py"},
-          "llama_cpp": {"serve.py", "serve_app.py"}, "gguf": {"sources/gguf_meta.py"}, "zfec": {"parity.py"}}
-OFFLINE = ["airgap.install", "airgap.bundle", "airgap.trust", "airgap.manifest", "airgap.cli"]
+          "llama_cpp": {"serve.py", "serve_app.py"}, "gguf": {"sources/gguf_meta.py"}, "zfec": {"parity.py"},
+          "cyclonedx": {"sources/sbom.py"}, "packageurl": {"sources/sbom.py"}}
+OFFLINE = ["airgap.install", "airgap.bundle", "airgap.trust", "airgap.manifest", "airgap.cli", "airgap.audit",
+           "airgap.inventory"]
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -43,7 +45,8 @@ def test_pure_modules_do_no_io_imports() -> None:
 
 def test_offline_path_never_loads_sources() -> None:
     code = ("import sys; import " + ", ".join(OFFLINE) + "; "
-            "bad = [m for m in sys.modules if m.startswith(('airgap.sources', 'huggingface_hub', 'gguf'))]; "
+            "bad = [m for m in sys.modules if m.startswith(('airgap.sources', 'huggingface_hub', 'gguf', 'cyclonedx', "
+            "'packageurl'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
