@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 import airgap
 from airgap.errors import AirgapError, KeyFileError
+
+if TYPE_CHECKING:
+    from airgap.prefix.audit import BundleRef, Event
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,6 +87,124 @@ def _passphrase(confirm: bool) -> bytes:
         raise KeyFileError(f"a passphrase is needed: set {PASSPHRASE_ENV} (no terminal to prompt on)")
     value: str = click.prompt("Key passphrase", hide_input=True, confirmation_prompt=confirm)
     return value.encode()
+
+
+# ---------------------------------------------------------------- the audit trail's one seam
+
+@dataclass(frozen=True)
+class Done:
+    """What an audited command reports when it succeeds: the rest of its audit record."""
+
+    reason: str
+    bundle: BundleRef | None = None
+    signers: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+OVERRIDE_FLAGS = ("allow_downgrade", "allow_expired", "force")
+CREATING_COMMANDS = ("install", "trust init", "rollback")  # these make the prefix; verify and serve only use one
+
+
+def _stamp(prefix: Path) -> Any:
+    from airgap.prefix.audit import Stamp, current_operator
+    from airgap.prefix.state import load_state
+
+    try:
+        floor = load_state(prefix.absolute()).time_floor()
+    except AirgapError:
+        floor = None
+    return Stamp(datetime.now(UTC).replace(microsecond=0), floor, current_operator(os.environ), airgap.__version__)
+
+
+def record(prefix: Path, event: Event, create: bool = True) -> None:
+    from airgap.prefix.audit import append
+
+    append(prefix.absolute(), event, _stamp(prefix), create=create)
+
+
+def _bundle_ref(bundle: Path | None) -> BundleRef | None:
+    """Name, version and manifest hash of a bundle that may be unreadable (it was refused, after all)."""
+    from airgap.bundle.container import read_head
+    from airgap.prefix.audit import BundleRef
+    from airgap.prefix.install import open_bundle
+
+    if bundle is None:
+        return None
+    try:
+        with open_bundle(bundle) as stream:
+            head, _ = read_head(stream)
+    except (AirgapError, OSError):
+        return BundleRef(None, None, None, str(bundle))
+    return BundleRef(head.manifest.name, head.manifest.version, head.manifest_sha256, str(bundle))
+
+
+def _prefix_used(ctx: click.Context, kwargs: dict[str, Any]) -> bool:
+    """verify touches a prefix only when told to (--prefix) or when it trusts the root pinned there."""
+    from click.core import ParameterSource
+
+    given = ctx.get_parameter_source("prefix") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return given or not kwargs.get("trust_keys")
+
+
+def audited(command: str, required: bool = True) -> Callable[[F], F]:
+    """Append exactly one record to PREFIX/audit.jsonl for each run of the command: its outcome, including
+    refusals and interruptions. The command returns `Done`; errors are recorded with their one-line reason.
+
+    `required`: a trail that cannot take the record refuses the command before it does anything; otherwise
+    (serve, under a read-only unit) a warning says the run is not recorded."""
+    from airgap.prefix.audit import AuditError, Event
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def run(**kwargs: Any) -> None:
+            from airgap.prefix.audit import check_appendable
+
+            prefix: Path = kwargs["prefix"]
+            if command == "verify" and not _prefix_used(click.get_current_context(), kwargs):
+                func(**kwargs)
+                return
+            create = command in CREATING_COMMANDS
+            if not create and not prefix.is_dir():
+                func(**kwargs)  # nothing was ever installed there: no trail to write to
+                return
+            try:
+                check_appendable(prefix.absolute())  # a trail that cannot take the record: refuse, do nothing
+            except AuditError as exc:
+                if required:
+                    raise
+                click.echo(f"airgap: warning: {exc.message}; this {command} is not recorded", err=True)
+                func(**kwargs)
+                return
+            overrides = tuple(f.replace("_", "-") for f in OVERRIDE_FLAGS if kwargs.get(f))
+            bundle: Path | None = kwargs.get("bundle")
+
+            def note(event: Event) -> None:
+                try:
+                    record(prefix, event, create)
+                except AuditError as exc:
+                    if required:
+                        raise
+                    click.echo(f"airgap: warning: {exc.message}; this {command} is not recorded", err=True)
+
+            try:
+                done: Done | None = func(**kwargs)
+            except AirgapError as exc:
+                note(Event(command, "refused", exc.message, _bundle_ref(bundle), overrides=overrides))
+                raise
+            except KeyboardInterrupt:
+                note(Event(command, "interrupted", "interrupted by the operator", _bundle_ref(bundle),
+                           overrides=overrides))
+                raise
+            except Exception as exc:
+                note(Event(command, "failed", f"internal error: {type(exc).__name__}: {exc}", _bundle_ref(bundle),
+                           overrides=overrides))
+                raise
+            if done is not None:  # serve records its own start, then execs
+                note(Event(command, "ok", done.reason, done.bundle, done.signers, overrides, done.details))
+
+        return run  # type: ignore[return-value]
+
+    return decorate
 
 
 # ---------------------------------------------------------------- keys
@@ -200,7 +324,8 @@ def trust_create(out: Path, version: int, root_keys: tuple[Path, ...], root_thre
 @click.option("--reset-time-floor", is_flag=True,
               help="With --force: lower the trusted-time floor to this host's clock (recorded in state.json), "
                    "after a bundle claiming a future creation time raised it.")
-def trust_init(root_file: Path, prefix: Path, force: bool, reset_time_floor: bool) -> None:
+@audited("trust init")
+def trust_init(root_file: Path, prefix: Path, force: bool, reset_time_floor: bool) -> Done:
     """Pin ROOT_FILE as this host's trusted root (once, out of band); later roots come inside bundles."""
     from airgap.prefix.install import trust_init as pin
 
@@ -209,8 +334,12 @@ def trust_init(root_file: Path, prefix: Path, force: bool, reset_time_floor: boo
     except OSError as exc:
         raise KeyFileError(f"cannot read root file {root_file}: {exc.strerror}") from exc
     root = pin(prefix, data, force=force, reset_time_floor=reset_time_floor)
-    click.echo(f"trusting root version {root.version} under {prefix}: release needs {root.release.threshold} of "
-               f"{len(root.release.keys)} key(s), rotation {root.root.threshold} of {len(root.root.keys)}")
+    line = (f"trusting root version {root.version} under {prefix}: release needs {root.release.threshold} of "
+            f"{len(root.release.keys)} key(s), rotation {root.root.threshold} of {len(root.root.keys)}")
+    click.echo(line)
+    return Done(line, details={"root_file": str(root_file), "root_version": root.version,
+                               "release_keys": list(root.release.keyids), "root_keys": list(root.root.keyids),
+                               "reset_time_floor": reset_time_floor})
 
 
 # ---------------------------------------------------------------- isolated side
@@ -218,11 +347,20 @@ def trust_init(root_file: Path, prefix: Path, force: bool, reset_time_floor: boo
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @json_option
-def inspect(bundle: Path, as_json: bool) -> None:
+@click.option("--sbom", is_flag=True,
+              help="Print the bundle's CycloneDX SBOM, checked against the manifest (and, with --trust, the "
+                   "whole bundle against its signatures).")
+@trust_option
+def inspect(bundle: Path, as_json: bool, sbom: bool, trust_keys: tuple[Path, ...]) -> None:
     """Show what a bundle holds, with what its wheels run at every start (.pth files) and put on PATH
-    (scripts). Reads the head and the wheels, not the weights; checks no signature: use verify."""
+    (scripts). Reads the head and the wheels, not the weights; checks no signature: use verify.
+    With --sbom: its CycloneDX SBOM instead."""
     from airgap.bundle.container import read_head
     from airgap.prefix.install import bundle_wheels, open_bundle
+
+    if sbom:
+        _print_sbom(bundle, trust_keys)
+        return
 
     with open_bundle(bundle) as stream:
         head, _ = read_head(stream)
@@ -255,6 +393,20 @@ def inspect(bundle: Path, as_json: bool) -> None:
         if wheel.contents.scripts:
             lines.append(f"wheel {wheel.path}: scripts {', '.join(wheel.contents.scripts)}")
     _emit(as_json, data, "\n".join(lines))
+
+
+def _print_sbom(bundle: Path, trust_keys: tuple[Path, ...]) -> None:
+    from airgap.prefix.inventory import read_sbom
+    from airgap.trust.keyfiles import trust_from_files
+
+    found = read_sbom(bundle, trust_from_files(list(trust_keys)) if trust_keys else None)
+    click.echo(found.data.decode("utf-8"), nl=False)
+    if found.signers:
+        click.echo(f"airgap: SBOM of {found.name} {found.version} verified: signed by "
+                   f"{', '.join(k[:16] for k in found.signers)}, every file of the bundle checked", err=True)
+    else:
+        click.echo(f"airgap: warning: UNVERIFIED SBOM of {found.name} {found.version}: it matches the bundle's "
+                   f"manifest, but no signature was checked (pass --trust PUBLIC_KEY.pub)", err=True)
 
 
 def _echo_repairs(repairs: tuple[str, ...], as_json: bool) -> None:
@@ -293,25 +445,30 @@ def _anchor(trust_keys: tuple[Path, ...], prefix: Path) -> Any:
               help="Instead of a bundle, re-hash everything installed under --prefix (store, links, venv files).")
 @json_option
 @quiet_option
+@audited("verify")
 def verify(bundle: Path | None, trust_keys: tuple[Path, ...], prefix: Path, allow_expired: bool,
-           allow_future_created: bool, installed: bool, as_json: bool, quiet: bool) -> None:
+           allow_future_created: bool, installed: bool, as_json: bool, quiet: bool) -> Done | None:
     """Check a bundle's signatures (--trust keys, else the root pinned under --prefix) and every file's size
-    and SHA-256, reading it once; or, with --installed, what is installed under --prefix."""
+    and SHA-256, reading it once; or, with --installed, what is installed under --prefix. Recorded in
+    PREFIX/audit.jsonl when --prefix is given or its root is used."""
+    from airgap.prefix.audit import BundleRef
     from airgap.prefix.install import verify_bundle
 
     if installed or bundle is None:
         if bundle is not None or not installed:
             raise click.UsageError("give a BUNDLE, or --installed (with --prefix) and no bundle")
         _verify_installed(prefix, as_json, quiet)
-        return
+        return None
     report = verify_bundle(bundle, _anchor(trust_keys, prefix),
                            overrides=_overrides(allow_expired=allow_expired, allow_future_created=allow_future_created),
                            progress=not quiet and not as_json)
     _echo_repairs(report.repairs, as_json)
-    _emit(as_json, asdict(report),
-          f"OK {report.name} {report.version}: signature by {', '.join(k[:16] for k in report.signers)}, "
-          f"{report.files} files, {report.bytes} bytes verified"
-          + (f"; an update drop on top of {report.base}" if report.base else ""))
+    line = (f"OK {report.name} {report.version}: signature by {', '.join(k[:16] for k in report.signers)}, "
+            f"{report.files} files, {report.bytes} bytes verified"
+            + (f"; an update drop on top of {report.base}" if report.base else ""))
+    _emit(as_json, asdict(report), line)
+    return Done(line, BundleRef(report.name, report.version, report.manifest_sha256, str(bundle)), report.signers,
+                {"trust": "keys" if trust_keys else "pinned root", "root_version": report.root_version})
 
 
 def _verify_installed(prefix: Path, as_json: bool, quiet: bool) -> None:
@@ -335,8 +492,9 @@ def _verify_installed(prefix: Path, as_json: bool, quiet: bool) -> None:
 @click.option("--allow-expired", is_flag=True, help="Accept a bundle past its expiry date.")
 @future_option
 @quiet_option
+@audited("install")
 def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_downgrade: bool, allow_expired: bool,
-            allow_future_created: bool, quiet: bool) -> None:
+            allow_future_created: bool, quiet: bool) -> Done:
     """Verify BUNDLE while unpacking it, install it under PREFIX and make it active atomically.
 
     Trust: --trust keys if given, else the root pinned under PREFIX (`airgap trust init`)."""
@@ -349,10 +507,13 @@ def install(bundle: Path, trust_keys: tuple[Path, ...], prefix: Path, allow_down
     gen = report.generation
     _echo_repairs(report.repairs, False)
     if report.already_installed:
-        click.echo(f"{gen.name} {gen.version} was already installed; it is active")
-        return
-    click.echo(f"installed {gen.name} {gen.version} under {prefix} ({report.written_bytes} bytes written, "
-               f"{report.reused_bytes} reused); active now")
+        line = f"{gen.name} {gen.version} was already installed; it is active"
+    else:
+        line = (f"installed {gen.name} {gen.version} under {prefix} ({report.written_bytes} bytes written, "
+                f"{report.reused_bytes} reused); active now")
+    click.echo(line)
+    return Done(line, _bundle_ref(bundle), report.signers,
+                {"generation": gen.id, "previous": report.previous, "accepted_with": list(gen.overrides)})
 
 
 @main.command()
@@ -379,12 +540,56 @@ def status(prefix: Path, as_json: bool) -> None:
 @main.command()
 @prefix_option
 @click.option("--to", "to_version", default=None, help="Installed version to return to (default: the previous).")
-def rollback(prefix: Path, to_version: str | None) -> None:
+@audited("rollback")
+def rollback(prefix: Path, to_version: str | None) -> Done:
     """Return to the previously active installed version (one atomic switch)."""
+    from airgap.prefix.audit import BundleRef
     from airgap.prefix.install import rollback as do_rollback
 
     old, new = do_rollback(prefix, to_version)
-    click.echo(f"rolled back from {old.name} {old.version} to {new.name} {new.version}")
+    line = f"rolled back from {old.name} {old.version} to {new.name} {new.version}"
+    click.echo(line)
+    return Done(line, BundleRef(new.name, new.version, new.manifest_sha256),
+                details={"from": {"name": old.name, "version": old.version, "manifest_sha256": old.manifest_sha256},
+                         "to_version": to_version})
+
+
+# ---------------------------------------------------------------- the audit trail
+
+@main.group(invoke_without_command=True)
+@prefix_option
+@json_option
+@click.pass_context
+def audit(ctx: click.Context, prefix: Path, as_json: bool) -> None:
+    """Show PREFIX/audit.jsonl: one hash-chained record per verify, install, refusal, rollback, trust change
+    and serve start/stop. With --json: the records as JSON lines, for syslog or a SIEM."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from airgap.prefix.audit import describe_all, read_records, read_trail
+
+    records = read_records(prefix.absolute())
+    if as_json:
+        for item in records:
+            click.echo(json.dumps(item, sort_keys=True, separators=(",", ":")))
+        return
+    click.echo(describe_all(records) or f"no audit records under {prefix}")
+    torn = read_trail(prefix.absolute()).torn_bytes
+    if torn:
+        click.echo(f"(a torn last line of {torn} bytes, left by an interrupted append, is not a record)")
+
+
+@audit.command("verify")
+@prefix_option
+@json_option
+def audit_verify(prefix: Path, as_json: bool) -> None:
+    """Check the chain: every record's hash, order and link. Names the first broken, edited, reordered or
+    missing record and exits non-zero."""
+    from airgap.prefix.audit import verify_chain
+
+    report = verify_chain(prefix.absolute())
+    _emit(as_json, asdict(report),
+          f"OK: {report.records} record(s) under {prefix}, chain intact; last record {report.head}"
+          + (f"; a torn last line of {report.torn_bytes} bytes is not a record" if report.torn_bytes else ""))
 
 
 # ---------------------------------------------------------------- serving
@@ -414,13 +619,58 @@ def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | 
 @click.option("--port", type=int, default=8080, show_default=True, help="TCP port.")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
               help="File holding the API key clients must send (or set AIRGAP_API_KEY).")
+@audited("serve", required=False)
 def serve(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
           host: str, port: int, api_key_file: Path | None) -> None:
-    """Serve the active version's models over an OpenAI-compatible API (llama.cpp)."""
+    """Serve the active version's models over an OpenAI-compatible API (llama.cpp).
+
+    Logs request lines (method, path, status), never prompt or completion content. The start, and the stop
+    of the server process, are recorded in PREFIX/audit.jsonl where that file is writable."""
     from airgap.serve import serve as run_server
 
     run_server(prefix, model, host, port, api_key_file, _plan_overrides(n_gpu_layers, n_ctx, threads),
-               log=sys.stderr)
+               log=sys.stderr, before_exec=lambda launch: _record_serving(prefix, launch))
+
+
+def _record_serving(prefix: Path, launch: Any) -> None:
+    """Record the start, then leave a watcher behind that records the stop: it holds the read end of a pipe
+    whose write end the server inherits, so it wakes when the server process ends, however it ends."""
+    from airgap.prefix.audit import AuditError, Event
+
+    installation = _installed(prefix)
+    details = {"host": launch.config.host, "port": launch.config.port, "models": list(launch.config.model_ids),
+               "api_key_required": launch.config.require_api_key, "content_logged": False}
+    try:
+        record(prefix, Event("serve", "ok", f"serving {', '.join(launch.config.model_ids)} on {launch.base_url}",
+                             installation, details={**details, "event": "start"}), create=False)
+    except AuditError as exc:
+        click.echo(f"airgap: warning: {exc.message}; this serve is not recorded", err=True)
+        return
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.close(write_end)
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, signal.SIG_IGN)  # a Ctrl-C or systemd's stop reaches the server; we wait for it
+        while os.read(read_end, 4096):
+            pass
+        try:
+            record(prefix, Event("serve", "ok", "the server process ended", installation,
+                                 details={**details, "event": "stop"}), create=False)
+        except AuditError as exc:
+            click.echo(f"airgap: warning: {exc.message}; the stop of this serve is not recorded", err=True)
+        os._exit(0)
+    os.close(read_end)
+    os.set_inheritable(write_end, True)
+
+
+def _installed(prefix: Path) -> BundleRef | None:
+    from airgap.prefix.audit import BundleRef
+    from airgap.serve import read_installation
+    from airgap.streams.pipeline import digest_bytes
+
+    installation = read_installation(prefix)
+    data = (installation.root / "manifest.json").read_bytes()
+    return BundleRef(installation.manifest.name, installation.manifest.version, digest_bytes(data).sha256)
 
 
 @main.command()

@@ -349,13 +349,18 @@ def serve(
     api_key_file: Path | None = None,
     overrides: Overrides = NO_OVERRIDES,
     log: IO[str] | None = None,
+    before_exec: Callable[[Launch], None] | None = None,
 ) -> NoReturn:
-    """Become the server: plan, print the plan to `log`, then exec the venv's Python (same PID for systemd)."""
+    """Become the server: plan, print the plan to `log`, then exec the venv's Python (same PID for systemd).
+
+    `before_exec(launch)` runs last, once everything is checked (the CLI records the start there)."""
     launch = prepare_server(prefix, model, host, port, api_key_file, overrides)
     if log is not None:
         for plan in launch.plans:
             print(plan.explain(), file=log)
         log.flush()
+    if before_exec is not None:
+        before_exec(launch)
     try:
         os.execve(launch.argv[0], list(launch.argv), dict(launch.env))
     except OSError as exc:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import airgap
 from airgap.build.sources.selfwheel import build_self_wheel, runtime_requirements
 from airgap.build.sources.wheels import ResolvedWheel, resolve_wheels
 from airgap.build.spec import ModelSpec, Spec
-from airgap.bundle.container import prepare_entry, scratch_dir
-from airgap.bundle.drops import load_roots, pack, read_base, root_payload
+from airgap.bundle.container import LateFile, prepare_entry, scratch_dir
+from airgap.bundle.drops import PLACEHOLDER_SHA256, load_roots, pack, read_base, root_payload
 from airgap.errors import MissingDependencyError, SpecError
 from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
 from airgap.progress import byte_progress
@@ -65,7 +66,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
     _check_release_keys(signers, roots)
     with scratch_dir(options.out_dir) as tmp:
         work = Path(tmp)
-        models, model_files = _collect_models(spec, options)
+        models, model_files, model_licenses = _collect_models(spec, options)
         wheels = _collect_wheels(spec, options, work / "wheels")
         bootstrap = _bootstrap_requirements(spec, wheels, work)
         # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
@@ -88,10 +89,11 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
             },
         )
         out = options.out_dir / bundle_filename(spec.name, spec.version)
+        carried = [*root_payload(roots, work), *payload]
+        sbom = _sbom_file(replace(draft, files=tuple(p.entry for p in carried)), wheels, model_licenses)
         total = sum(p.entry.stored_size for p in payload)
         with byte_progress(total, f"packing {out.name}", options.progress) as advance:
-            pack(out, draft, [*root_payload(roots, work), *payload], lambda data: [sign(data, k) for k in signers],
-                 base, advance)
+            pack(out, draft, carried, lambda data: [sign(data, k) for k in signers], base, advance, sbom)
     return out
 
 
@@ -107,6 +109,18 @@ def _check_build_extra(spec: Spec) -> None:
             "install the build extra on the connected host: pip install 'airgap[build]'")
 
 
+def _sbom_file(draft: Manifest, wheels: list[ResolvedWheel], model_licenses: dict[str, Any]) -> LateFile:
+    """The SBOM, written after every other file so that it lists their hashes; its size is known now."""
+    from airgap.build.sources.sbom import SBOM_PATH, SbomFacts, render_sbom, wheel_license
+
+    licenses = {f"wheels/{w.filename}": text for w in wheels if (text := wheel_license(w.path)) is not None}
+    facts = SbomFacts(wheel_licenses=licenses, model_licenses=model_licenses)
+    size = len(render_sbom(draft, facts))
+    entry = FileEntry(path=SBOM_PATH, size=size, sha256=PLACEHOLDER_SHA256, kind="meta", storage="raw",
+                      stored_size=size, source={"type": "generated"})
+    return LateFile(entry, lambda entries: render_sbom(replace(draft, files=tuple(entries)), facts))
+
+
 def _check_release_keys(signers: Sequence[PrivateKey], roots: Sequence[Root]) -> None:
     """A bundle carrying roots is signed by release keys of the newest one (co-signers may follow)."""
     if not roots:
@@ -118,11 +132,17 @@ def _check_release_keys(signers: Sequence[PrivateKey], roots: Sequence[Root]) ->
                             f"{roots[-1].version}; its release keys are {', '.join(k[:16] for k in sorted(allowed))}")
 
 
-def _collect_models(spec: Spec, options: BuildOptions) -> tuple[list[ModelEntry], list[tuple[Path, FileEntry]]]:
+def _collect_models(
+    spec: Spec, options: BuildOptions
+) -> tuple[list[ModelEntry], list[tuple[Path, FileEntry]], dict[str, Any]]:
     models: list[ModelEntry] = []
     files: list[tuple[Path, FileEntry]] = []
+    licenses: dict[str, Any] = {}
     for model in spec.models:
         fetched = _fetch_model(model, options)
+        card = _card_license(model, fetched[0][2], options) if fetched else None
+        if card is not None:
+            licenses[model.id] = card
         paths = []
         for local, name, source in fetched:
             path = f"models/{model.id}/{name}"
@@ -131,7 +151,25 @@ def _collect_models(spec: Spec, options: BuildOptions) -> tuple[list[ModelEntry]
         gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
         metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
         models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=metadata))
-    return models, files
+    return models, files, licenses
+
+
+def _card_license(model: ModelSpec, source: dict[str, str], options: BuildOptions) -> Any:
+    """The licence the hub repository's card states at the pinned commit (None for local files or no card)."""
+    if source.get("type") != "hub":
+        return None
+    from airgap.build.sources.hf import fetch_card_metadata
+    from airgap.build.sources.sbom import ModelLicense
+
+    card = fetch_card_metadata(source["repo"], source["commit"], cache_dir=options.hub_cache,
+                               endpoint=options.hub_endpoint)
+    value = card.get("license")
+    if isinstance(value, list):
+        value = " OR ".join(str(v) for v in value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    name, link = card.get("license_name"), card.get("license_link")
+    return ModelLicense(value.strip(), str(name) if name else None, str(link) if link else None)
 
 
 def _gguf_metadata(path: Path) -> dict[str, object]:

@@ -534,6 +534,18 @@ def prepare_entry(path: Path, entry: FileEntry, workdir: Path, compress: bool = 
     return PayloadFile(packed, replace(entry, storage="zstd", stored_size=stored_size))
 
 
+@dataclass(frozen=True)
+class LateFile:
+    """A raw payload file written last, made from the final entries (with hashes) of every other file.
+
+    `entry` gives its path and size; `make` must return exactly that many bytes whatever the hashes are
+    (fixed-width hex), because the head that lists it is reserved before the payload is hashed.
+    """
+
+    entry: FileEntry
+    make: Callable[[Sequence[FileEntry]], bytes]
+
+
 def write_bundle(
     out_path: Path,
     draft: Manifest,
@@ -541,6 +553,7 @@ def write_bundle(
     sign_manifest: Callable[[bytes], Sequence[Signature]],
     progress: Callable[[int], object] | None = None,
     absent: Sequence[FileEntry] = (),
+    late: LateFile | None = None,
 ) -> Head:
     """Write the bundle in one pass over each payload file, then fill in the head reserved for it.
 
@@ -549,12 +562,13 @@ def write_bundle(
     `absent` entries (files an update drop leaves to its base) are listed after the carried ones.
     """
     mtime = int(draft.created.timestamp())
-    placeholder = replace(draft, files=(*(p.entry for p in payload), *absent)).with_sha256sums()
+    lates = () if late is None else (late.entry,)
+    placeholder = replace(draft, files=(*(p.entry for p in payload), *lates, *absent)).with_sha256sums()
     head_size = _head_size(placeholder, mtime)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         with tmp.open("wb") as out:
-            final_entries = write_payload(tmp, out.fileno(), head_size, payload, mtime, progress)
+            final_entries = write_payload(tmp, out.fileno(), head_size, payload, mtime, progress, late, absent)
             manifest = replace(draft, files=(*final_entries, *absent)).with_sha256sums()
             head = _write_head(out, manifest, sign_manifest, mtime, head_size)
             out.flush()
@@ -567,7 +581,8 @@ def write_bundle(
 
 def write_payload(
     path: Path, fd: int, offset: int, payload: Sequence[PayloadFile], mtime: int,
-    progress: Callable[[int], object] | None = None,
+    progress: Callable[[int], object] | None = None, late: LateFile | None = None,
+    absent: Sequence[FileEntry] = (),
 ) -> list[FileEntry]:
     """Write the payload members and the end of the archive into `path` (open as `fd`) from `offset` on.
 
@@ -578,6 +593,8 @@ def write_payload(
     try:
         with WriteBehind(direct.write) as writer:
             entries = [_pack_member(writer.write, item, mtime, progress) for item in payload]
+            if late is not None:
+                entries.append(_pack_late(writer.write, late, [*entries, *absent], mtime))
             writer.write(bytes(2 * BLOCK))
         direct.finish()
     finally:
@@ -631,6 +648,16 @@ def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int
     if entry.storage == "raw":
         return replace(entry, sha256=stored.sha256)
     return entry
+
+
+def _pack_late(write: Callable[[bytes], object], late: LateFile, before: Sequence[FileEntry], mtime: int) -> FileEntry:
+    data = late.make(before)
+    if len(data) != late.entry.size:
+        raise AssertionError(f"{late.entry.path} is {len(data)} bytes, {late.entry.size} were reserved")
+    write(_member_header(late.entry.member_name, len(data), mtime))
+    write(data)
+    write(bytes(_padding(len(data))))
+    return replace(late.entry, storage="raw", stored_size=len(data), sha256=digest_bytes(data).sha256)
 
 
 def add_signatures(path: Path, new: Sequence[Signature], limits: Limits = DEFAULT_LIMITS) -> Head:

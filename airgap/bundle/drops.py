@@ -16,6 +16,7 @@ from pathlib import Path
 
 from airgap.bundle.container import (
     Head,
+    LateFile,
     PayloadFile,
     add_signatures,
     read_head,
@@ -125,15 +126,15 @@ def plan_drop(payload: Sequence[PayloadFile], base: Manifest) -> tuple[list[Payl
 
 def pack(
     out_path: Path, draft: Manifest, payload: Sequence[PayloadFile], sign_manifest: SignManifest,
-    base: Head | None = None, progress: Callable[[int], object] | None = None,
+    base: Head | None = None, progress: Callable[[int], object] | None = None, late: LateFile | None = None,
 ) -> Head:
-    """Write a full bundle, or a drop on top of `base` when one is given."""
+    """Write a full bundle, or a drop on top of `base` when one is given; `late` is written last."""
     payload = order(payload)
     if base is None:
-        return write_bundle(out_path, draft, payload, sign_manifest, progress)
+        return write_bundle(out_path, draft, payload, sign_manifest, progress, late=late)
     draft = replace(draft, base=base_ref(base, draft))
     carried, absent = plan_drop(payload, base.manifest)
-    return write_bundle(out_path, draft, carried, sign_manifest, progress, absent)
+    return write_bundle(out_path, draft, carried, sign_manifest, progress, absent, late)
 
 
 # ---------------------------------------------------------------- co-signing and making roots

@@ -107,6 +107,7 @@ class InstallReport:
     reused_bytes: int
     already_installed: bool = False
     repairs: tuple[str, ...] = ()
+    signers: tuple[str, ...] = ()  # key ids whose signatures were verified and counted
 
 
 def reached(step: str) -> None:
@@ -244,8 +245,9 @@ def install_bundle(
             if existing is not None:  # still read it all: a damaged or forged copy is reported, not ignored
                 gate = TrustGate(head, anchor, now, overrides)
                 read_payload(tar, manifest, gate.open_sink)
-                gate.finish()
-                return replace(_reactivate(prefix, state, existing), repairs=tuple(str(r) for r in stream.repaired))
+                checked = gate.finish()
+                return replace(_reactivate(prefix, state, existing), repairs=tuple(str(r) for r in stream.repaired),
+                               signers=checked.signers)
             check_base(manifest, state.installed_bases())
             _check_store(prefix, manifest)
             _check_space(prefix, manifest)
@@ -278,7 +280,8 @@ def install_bundle(
         previous = state.active
         _finish(prefix, state)
         remove_tree(prefix / "staging")
-    return InstallReport(generation, previous, written, manifest.total_size - written, repairs=repairs)
+    return InstallReport(generation, previous, written, manifest.total_size - written, repairs=repairs,
+                         signers=auth.signers)
 
 
 def _finish(prefix: Path, state: State) -> State:

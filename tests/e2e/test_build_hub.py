@@ -23,13 +23,19 @@ def hub_spec(folder: Path, wheelhouse: Path, revision: str = "main") -> Path:
 def test_build_pins_hub_commit_and_records_gguf(tmp_path: Path, wheelhouse: Path, tiny_model: Path,
                                                 keys: KeyPair) -> None:
     with HubSim() as hub:
-        commit = hub.add_repo("acme/tiny-GGUF", {"tiny-Q8_0.gguf": tiny_model, "README.md": b"# tiny\n"})
+        card = b"---\nlicense: apache-2.0\n---\n# tiny\n"
+        commit = hub.add_repo("acme/tiny-GGUF", {"tiny-Q8_0.gguf": tiny_model, "README.md": card})
         result = airgap("build", hub_spec(tmp_path, wheelhouse), "--key", keys.private, "-o", tmp_path / "d",
                         "-q", "--hub-endpoint", hub.endpoint, env={"HF_HOME": str(tmp_path / "hf")})
         assert result.code == 0, result.stderr
-        assert hub.count(contains="README.md") == 0  # only what the spec names is fetched
     bundle = Path(result.stdout.split()[-1])
     manifest = json.loads(airgap("inspect", bundle, "--json").stdout)
+    # the card is read for the SBOM's licence, at the pinned commit; only what the spec names is packed
+    assert not [f for f in manifest["files"] if "README" in f["path"]]
+    sbom = json.loads(airgap("inspect", bundle, "--sbom", "--trust", keys.public).stdout)
+    [card_model] = [c for c in sbom["components"] if c["type"] == "machine-learning-model"]
+    assert card_model["purl"] == f"pkg:huggingface/acme/tiny-GGUF@{commit}"
+    assert card_model["licenses"] == [{"license": {"id": "Apache-2.0"}}]
     model = next(f for f in manifest["files"] if f["kind"] == "model")
     assert model["path"] == "models/tiny/tiny-Q8_0.gguf"
     assert model["source"] == {"type": "hub", "repo": "acme/tiny-GGUF", "commit": commit, "file": "tiny-Q8_0.gguf"}

@@ -36,7 +36,7 @@ def test_verify_by_hand(built: Built, tmp_path: Path) -> None:
 def test_verify_by_hand_catches_tampering(built: Built, tmp_path: Path) -> None:
     tampered = tmp_path / "t.airgap"
     data = bytearray(built.bundle.read_bytes())
-    data[len(data) - 3000] ^= 1  # inside the model, the last member
+    data[len(data) - 3000] ^= 1  # inside the last members (the model, or the SBOM after it)
     tampered.write_bytes(bytes(data))
     env = {"BUNDLE": str(tampered), "PUB": str(built.keys.public), "WORK": str(tmp_path / "w")}
     done = run_recipe(recipe("SECURITY.md", "verify"), env, tmp_path)

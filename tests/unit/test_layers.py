@@ -39,9 +39,11 @@ MAY_IMPORT: dict[str, set[str]] = {
 OWNERS = {"cryptography": ("trust",), "huggingface_hub": ("build/sources/hf.py",),
           "gguf": ("build/sources/gguf_meta.py",), "click": ("cli.py",), "jinja2": ("templates.py",),
           "zfec": ("volumes/parity.py",), "zstandard": ("bundle",), "llama_cpp": ("serve.py",),
-          "tqdm": ("progress.py", "build/sources/hf.py"), "installer": ("prefix/wheelinstall.py",)}  # hf.py quiets huggingface_hub's own tqdm
+          "tqdm": ("progress.py", "build/sources/hf.py"),  # hf.py quiets huggingface_hub's own tqdm
+          "installer": ("prefix/wheelinstall.py",), "cyclonedx": ("build/sources/sbom.py",),
+          "packageurl": ("build/sources/sbom.py",)}
 OFFLINE = ["format", "trust", "streams", "bundle", "volumes", "prefix", "serve", "cli"]
-BUILD_SIDE = ("airgap.build.builder", "huggingface_hub", "gguf")
+BUILD_SIDE = ("airgap.build", "huggingface_hub", "gguf", "cyclonedx")
 IO_MODULES = {"os", "subprocess", "shutil", "socket", "pathlib", "io", "tempfile", "fcntl"}
 
 

@@ -83,6 +83,34 @@ def fetch_hub_files(
     ]
 
 
+def fetch_card_metadata(
+    repo: str,
+    commit: str,
+    cache_dir: Path | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """The YAML front matter of the repository's card (README.md) at `commit`: licence and the like.
+
+    Empty when the repository has no card; the card is read for the SBOM, never packed.
+    """
+    from huggingface_hub import errors, hf_hub_download
+    from huggingface_hub.repocard import metadata_load
+
+    with _hub_errors(repo, commit, "README.md"):
+        try:
+            local = hf_hub_download(repo, "README.md", revision=commit, cache_dir=cache_dir, endpoint=endpoint,
+                                    token=token, library_name="airgap", library_version=__version__,
+                                    tqdm_class=_quiet_tqdm())
+        except errors.EntryNotFoundError:
+            return {}
+    try:
+        metadata = metadata_load(Path(local))
+    except Exception as exc:  # malformed YAML (yaml's own errors): say why, do not guess a licence
+        raise FetchError(f"cannot read the card of {repo}@{commit[:12]}: {_first_line(exc)}") from exc
+    return dict(metadata or {})
+
+
 def _resolve_commit(api: HfApi, repo: str, revision: str) -> str:
     with _hub_errors(repo, revision):
         commit = api.repo_info(repo, revision=revision, repo_type="model").sha
