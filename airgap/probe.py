@@ -200,12 +200,13 @@ def linux_archs(platform_name: str, is_32bit: bool) -> tuple[str, list[str]]:
 def platform_tags(
     platform_name: str, *, is_32bit: bool, glibc: tuple[int, int] | None, musl: tuple[int, int] | None,
 ) -> list[str]:
-    """The wheel platform tags this host runs, most specific first: what packaging.tags.platform_tags() yields
-    on Linux (manylinux_2_N down to the oldest for the architecture, the legacy aliases, musllinux, linux_*)."""
+    """The wheel platform tags this host runs, most specific first, as packaging.tags (26) orders them on Linux:
+    linux_* (a wheel built here), manylinux_2_N down to the oldest for the architecture with the legacy
+    aliases, then musllinux."""
     linux, archs = linux_archs(platform_name, is_32bit)
     if not linux.startswith("linux_"):
         return [linux]
-    tags: list[str] = []
+    tags = [f"linux_{arch}" for arch in archs]
     if glibc is not None and set(archs) & _MANYLINUX_ARCHS:
         oldest = (2, 4) if set(archs) & {"x86_64", "i686"} else (2, 16)  # the newest glibc *too old* for a tag
         majors = [glibc, *((major, _LAST_GLIBC_MINOR.get(major, -1)) for major in range(glibc[0] - 1, 1, -1))]
@@ -218,7 +219,7 @@ def platform_tags(
                         tags.append(f"{_LEGACY_MANYLINUX[(major, minor)]}_{arch}")
     if musl is not None:
         tags += [f"musllinux_{musl[0]}_{minor}_{arch}" for arch in archs for minor in range(musl[1], -1, -1)]
-    return [*tags, *(f"linux_{arch}" for arch in archs)]
+    return tags
 
 
 # ---------------------------------------------------------------- NVIDIA
