@@ -247,7 +247,8 @@ def _target_lines(target: Any) -> list[str]:
         return ["built for: any host (no --target)"]
     gpus = ", ".join(g.name for g in host.gpus) or "no GPU"
     engine = target.get("engine", {}) if isinstance(target, dict) else {}
-    lines = [f"built for: python {host.python_minor} on {host.wheel_platform}, x86-64-v{host.x86_64_level}, "
+    cpu = f"x86-64-v{host.x86_64_level}" if host.x86_64_level is not None else host.machine
+    lines = [f"built for: python {host.python_minor} on {host.wheel_platform}, {cpu}, "
              f"{host.ram_total / 1e9:.1f} GB RAM, {gpus}, NVIDIA driver {host.driver_version or 'none'}"]
     if isinstance(engine, dict) and isinstance(engine.get("reason"), str):
         lines.append(f"  engine {engine.get('engine')}: {engine['reason']}")

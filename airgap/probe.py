@@ -427,7 +427,7 @@ def _nvidia(proc: Path, nvidia_smi: str | None, environ: Mapping[str, str]) -> d
     note: str | None = None
     executable = shutil.which(nvidia_smi) if nvidia_smi else None
     if executable is not None:
-        fields = GPU_FIELDS
+        fields: Sequence[str] = GPU_FIELDS
         answer, note = _run_nvidia_smi(executable, fields)
         if answer is None and note is not None and "compute_cap" in note:  # a driver older than R510
             fields = GPU_FIELDS_OLD

@@ -63,7 +63,8 @@ def recorded_host(tmp_path: Path, ram_gib: int, *gpus: str) -> HostInfo:
     (proc / "self").mkdir(parents=True)
     kib = ram_gib * 1024 * 1024
     (proc / "meminfo").write_text(f"MemTotal: {kib} kB\nMemFree: {kib // 2} kB\nMemAvailable: {kib * 94 // 100} kB\n")
-    (proc / "cpuinfo").write_text("".join(f"processor\t: {c}\nphysical id\t: 0\ncore id\t\t: {c}\n\n" for c in range(8)))
+    (proc / "cpuinfo").write_text(
+        "".join(f"processor\t: {c}\nphysical id\t: 0\ncore id\t\t: {c}\n\n" for c in range(8)))
     (proc / "self" / "cgroup").write_text("0::/\n")
     smi = None
     if gpus:

@@ -73,7 +73,8 @@ def test_nvidia_smi_garbage_is_refused() -> None:
 
 
 def test_cuda_visible_devices_selects_and_orders_gpus() -> None:
-    gpus = tuple(GpuInfo(g["index"], g["name"], g["memory_total"], g["memory_free"]) for g in parse_nvidia_smi(NVIDIA_SMI))
+    gpus = tuple(GpuInfo(g["index"], g["name"], g["memory_total"], g["memory_free"])
+                 for g in parse_nvidia_smi(NVIDIA_SMI))
     assert visible_gpus(gpus, None) == gpus
     assert [g.index for g in visible_gpus(gpus, "1")] == [1]
     assert [g.index for g in visible_gpus(gpus, "1,0")] == [1, 0]

@@ -20,9 +20,13 @@ from tests.support import REPO
 
 PROBE = REPO / "airgap" / "probe.py"
 # A Haswell (x86-64-v3) as /proc/cpuinfo lists it, and this lab's Sapphire Rapids (v4), cut to the flags.
-HASWELL_FLAGS = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 "
-                 "ss ht syscall nx pdpe1gb rdtscp lm constant_tsc pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 "
-                 "movbe popcnt aes xsave avx f16c rdrand lahf_lm abm bmi1 avx2 bmi2 erms invpcid").split()
+HASWELL_FLAGS = [
+    "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
+    "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "ss", "ht", "syscall", "nx", "pdpe1gb",
+    "rdtscp", "lm", "constant_tsc", "pni", "pclmulqdq", "ssse3", "fma", "cx16", "pcid", "sse4_1", "sse4_2",
+    "movbe", "popcnt", "aes", "xsave", "avx", "f16c", "rdrand", "lahf_lm", "abm", "bmi1", "avx2", "bmi2",
+    "erms", "invpcid"
+]
 V4_FLAGS = [*HASWELL_FLAGS, "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"]
 NEHALEM_FLAGS = [f for f in HASWELL_FLAGS if f not in {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}]
 CORE2_FLAGS = [f for f in NEHALEM_FLAGS if f not in {"sse4_2", "popcnt"}]
@@ -89,7 +93,8 @@ def test_driver_version_and_gpus_from_proc_when_nvidia_smi_is_absent() -> None:
 
 
 def test_mounts_and_the_nearest_existing_parent(tmp_path: Path) -> None:
-    mounts = probe.parse_mounts("/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /opt/my\\040data xfs rw 0 0\nproc /proc proc rw 0 0\n")
+    mounts = probe.parse_mounts(
+        "/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /opt/my\\040data xfs rw 0 0\nproc /proc proc rw 0 0\n")
     assert mounts == [("/", "ext4"), ("/opt/my data", "xfs"), ("/proc", "proc")]
     assert probe.mount_of("/opt/my data/airgap", mounts) == ("/opt/my data", "xfs")
     assert probe.mount_of("/opt/my datum", mounts) == ("/", "ext4")
@@ -104,7 +109,7 @@ def fake_proc(tmp_path: Path, *, driver: str | None = None, gpus: dict[str, str]
         f"processor\t: {cpu}\nmodel name\t: Example Haswell\nflags\t\t: {' '.join(HASWELL_FLAGS)}\n"
         f"physical id\t: 0\ncore id\t\t: {cpu}\n\n" for cpu in range(4)))
     (proc / "self" / "cgroup").write_text("0::/\n")
-    (proc / "self" / "mounts").write_text(f"/dev/root / ext4 rw 0 0\n")
+    (proc / "self" / "mounts").write_text("/dev/root / ext4 rw 0 0\n")
     if driver is not None:
         (proc / "driver" / "nvidia").mkdir(parents=True)
         (proc / "driver" / "nvidia" / "version").write_text(driver)

@@ -470,7 +470,8 @@ def test_readme_names_bundle_models_keys_and_commands(bundle: Bundle, tmp_path: 
     assert report.index.bundle_sha256 in text and report.index.manifest_sha256 in text
     listed = [line.split("  ") for line in text.splitlines() if line[:1].isalnum() and len(line.split("  ")[0]) == 64]
     probe_sha256 = hashlib.sha256((tmp_path / "stick" / "probe.py").read_bytes()).hexdigest()
-    assert [(h, n) for h, n in listed] == [(v.sha256, v.name) for v in report.index.files] + [(probe_sha256, "probe.py")]
+    volumes = [(v.sha256, v.name) for v in report.index.files]
+    assert [(h, n) for h, n in listed] == [*volumes, (probe_sha256, "probe.py")]
     assert 'python3 -I "$STICK/probe.py" --prefix /opt/airgap -o probe.json' in text
     assert (tmp_path / "stick" / "probe.py").read_bytes() == (REPO / "airgap" / "probe.py").read_bytes()
 
