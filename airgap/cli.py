@@ -245,16 +245,22 @@ def _signing_key(path: Path) -> Any:
               help="Root file (root.N.json) for the bundle to carry; repeat for the whole chain.")
 @click.option("--expires-days", type=click.IntRange(min=1), default=None,
               help="Days until the bundle expires (default: the spec's, else 180).")
+@click.option("--target", "target", type=click.Path(path_type=Path), default=None,
+              help="Build for the host this probe file describes (`airgap probe -o FILE` there): its Python and "
+                   "platform tags, and models sized to fit its memory.")
 @quiet_option
 def build(spec: Path, keys: tuple[Path, ...], out_dir: Path, upgrade: bool, hub_endpoint: str | None,
-          base: Path | None, roots: tuple[Path, ...], expires_days: int | None, quiet: bool) -> None:
+          base: Path | None, roots: tuple[Path, ...], expires_days: int | None, target: Path | None,
+          quiet: bool) -> None:
     """Fetch what SPEC names, pin it and pack one signed bundle. Prints the bundle's path last."""
     from airgap.build.builder import BuildOptions, build_bundle
     from airgap.build.spec import load_spec
+    from airgap.host import load_probe
 
     signers = [_signing_key(k) for k in keys]
     options = BuildOptions(out_dir=out_dir, upgrade=upgrade, progress=not quiet, hub_endpoint=hub_endpoint,
-                           base=base, roots=roots, expires_days=expires_days)
+                           base=base, roots=roots, expires_days=expires_days,
+                           target=load_probe(target) if target is not None else None, say=click.echo)
     click.echo(str(build_bundle(load_spec(spec), signers, options)))
 
 
@@ -380,6 +386,7 @@ def inspect(bundle: Path, as_json: bool, sbom: bool, trust_keys: tuple[Path, ...
     if manifest.base:
         lines.append(f"update drop on top of {manifest.base.name} {manifest.base.version}")
     lines += [f"model {m.id}: {', '.join(m.files)}" for m in manifest.models]
+    lines += _target_lines(manifest.target)
     lines.append(f"{len(manifest.files)} files, {manifest.total_size} bytes, {len(manifest.packages)} wheels")
     if wheels_error:
         lines.append(f"wheels not listed: {wheels_error}")
@@ -407,6 +414,28 @@ def _print_sbom(bundle: Path, trust_keys: tuple[Path, ...]) -> None:
     else:
         click.echo(f"airgap: warning: UNVERIFIED SBOM of {found.name} {found.version}: it matches the bundle's "
                    f"manifest, but no signature was checked (pass --trust PUBLIC_KEY.pub)", err=True)
+
+
+def _target_lines(target: Any) -> list[str]:
+    from airgap.errors import ProbeError
+    from airgap.target import built_for
+
+    try:
+        host = built_for(target)
+    except ProbeError as exc:
+        return [f"built for: unreadable target record ({exc.message})"]
+    if host is None:
+        return ["built for: any host (no --target)"]
+    gpus = ", ".join(g.name for g in host.gpus) or "no GPU"
+    engine = target.get("engine", {}) if isinstance(target, dict) else {}
+    cpu = f"x86-64-v{host.x86_64_level}" if host.x86_64_level is not None else host.machine
+    lines = [f"built for: python {host.python_minor} on {host.wheel_platform}, {cpu}, "
+             f"{host.ram_total / 1e9:.1f} GB RAM, {gpus}, NVIDIA driver {host.driver_version or 'none'}"]
+    if isinstance(engine, dict) and isinstance(engine.get("reason"), str):
+        lines.append(f"  engine {engine.get('engine')}: {engine['reason']}")
+    choices = target.get("choices", []) if isinstance(target, dict) else []
+    lines += [f"  {choice}" for choice in choices if isinstance(choice, str)]
+    return lines
 
 
 def _echo_repairs(repairs: tuple[str, ...], as_json: bool) -> None:
@@ -676,16 +705,36 @@ def _installed(prefix: Path) -> BundleRef | None:
 @main.command()
 @prefix_option
 @plan_options
+@click.option("--host-facts", type=click.Path(path_type=Path), default=None,
+              help="Plan for the host this probe file describes (`airgap probe -o FILE`) instead of this one.")
 @json_option
 def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
-         as_json: bool) -> None:
+         host_facts: Path | None, as_json: bool) -> None:
     """Show what serve will do on this host (GPU layers, context, threads) and why."""
-    from airgap.host import probe_host
-    from airgap.serve import plan_for, plans_json
+    from airgap.host import host_info, load_probe, probe_facts
+    from airgap.serve import plan_for, plans_json, read_installation
+    from airgap.target import host_check
 
-    host = probe_host()
+    facts = load_probe(host_facts) if host_facts is not None else probe_facts(prefix)
+    host = host_info(facts)
     plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads), host)
-    click.echo(plans_json(plans, host) if as_json else "\n\n".join(p.explain() for p in plans))
+    check = host_check(read_installation(prefix).manifest.target, facts)
+    if as_json:
+        click.echo(plans_json(plans, host, check))
+        return
+    tail = [line for line in (check["warning"], check["driver"]["summary"]) if line]
+    click.echo("\n\n".join([*(p.explain() for p in plans), "\n".join(tail)]))
+
+
+@main.command()
+@prefix_option
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+              help="File to write the facts to (default: standard output).")
+def probe(prefix: Path, out: Path | None) -> None:
+    """Write this host's facts as JSON, for `airgap build --target` (also runs as `python3 probe.py`)."""
+    from airgap.probe import main as probe_main
+
+    sys.exit(probe_main(["--prefix", str(prefix), *(["-o", str(out)] if out is not None else [])]))
 
 
 @main.command()

@@ -81,3 +81,11 @@ class PlanError(ServeError):
 
 class VolumeError(AirgapError):
     """A volume of a split bundle is missing, truncated, swapped or corrupted."""
+
+
+class ProbeError(AirgapError):
+    """A host probe (probe.json) is unreadable, malformed or of a probe format this airgap does not read."""
+
+
+class FitError(AirgapError):
+    """A model cannot fit the target host's memory even at the smallest context; nothing was downloaded."""

@@ -1,24 +1,28 @@
 """What this host offers a model server: RAM, CPU cores, NVIDIA GPUs and their free memory.
 
-Parsing is done by pure functions on text (so tests feed them recorded /proc files and nvidia-smi output);
-`probe_host` is the only function that reads the system.
+The facts come from `airgap.probe` (stdlib-only, so it also runs from a stick as `python3 probe.py`); this
+module reads its JSON document, of this host or recorded on another one, into checked values (`HostFacts`)
+and turns those into what the planner needs (`HostInfo`). A probe file is input from elsewhere: every field is
+type- and size-checked, and a bad one is a one-line ProbeError.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from airgap.errors import ServeError
+from airgap import probe
+from airgap.errors import ProbeError
 
 MIB = 1 << 20
-NVIDIA_SMI_QUERY = ("--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits")
-NVIDIA_SMI_TIMEOUT_S = 15.0
-_CGROUP_V1_UNLIMITED = 1 << 60  # v1 reports "no limit" as a huge page-rounded number
+GIB = 1 << 30
+MAX_PROBE_BYTES = 4 << 20
+_MAX_TEXT = 512
+_MAX_ITEMS = 4096
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class GpuInfo:
     name: str
     memory_total: int
     memory_free: int
+    compute_capability: str | None = None
+    uuid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,50 +54,186 @@ class HostInfo:
         return {
             "ram_total": self.ram_total, "ram_available": self.ram_available, "cpus": self.cpus, "cores": self.cores,
             "gpus": [
-                {"index": g.index, "name": g.name, "memory_total": g.memory_total, "memory_free": g.memory_free}
+                {"index": g.index, "name": g.name, "memory_total": g.memory_total, "memory_free": g.memory_free,
+                 "compute_capability": g.compute_capability}
                 for g in self.gpus
             ],
             "notes": list(self.notes),
         }
 
 
-def parse_meminfo(text: str) -> tuple[int, int]:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo text."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            unit = fields[1].lower() if len(fields) > 1 else ""
-            values[key.strip()] = int(fields[0]) * (1024 if unit == "kb" else 1)
-    if "MemTotal" not in values:
-        raise ServeError("cannot read host memory: expected a MemTotal line in /proc/meminfo, found none")
-    total = values["MemTotal"]
-    # Kernels before 3.14 lack MemAvailable; free + reclaimable page cache is the classic estimate.
-    available = values.get("MemAvailable", values.get("MemFree", 0) + values.get("Cached", 0))
-    return total, min(available, total)
+@dataclass(frozen=True)
+class GpuFacts:
+    index: int
+    name: str
+    uuid: str | None
+    bus_id: str | None
+    memory_total: int | None  # None where only /proc/driver/nvidia was readable
+    memory_free: int | None
+    compute_capability: str | None  # "9.0"
 
 
-def parse_nvidia_smi(text: str) -> tuple[GpuInfo, ...]:
-    """GPUs from `nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits`.
+@dataclass(frozen=True)
+class HostFacts:
+    """One probe document (airgap.probe), checked. Sizes in bytes; None is unknown."""
 
-    Memory is reported in MiB. A GPU whose memory reads "[N/A]" (e.g. a MIG parent) is left out.
-    """
+    python_version: str  # "3.11.7"
+    implementation: str  # "cpython"
+    abi: str | None  # "cp311"
+    machine: str  # "x86_64"
+    glibc: str | None  # "2.36"
+    musl: str | None
+    platform_tags: tuple[str, ...]
+    cpu_model: str | None
+    x86_64_level: int | None
+    usable_cpus: int
+    cores: int | None
+    ram_total: int
+    ram_available: int
+    cgroup_limit: int | None
+    disk_prefix: str | None
+    disk_free: int | None
+    driver_version: str | None
+    gpu_source: str | None
+    gpu_note: str | None
+    cuda_visible_devices: str | None
+    gpus: tuple[GpuFacts, ...] = ()
+
+    @property
+    def python_minor(self) -> str:
+        return ".".join(self.python_version.split(".")[:2])
+
+    @property
+    def wheel_platform(self) -> str | None:
+        """The most specific manylinux/musllinux tag (wheel resolution expands it to the older ones)."""
+        tagged = [t for t in self.platform_tags if t.startswith(("manylinux_", "musllinux_"))]
+        return tagged[0] if tagged else (self.platform_tags[0] if self.platform_tags else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The probe document again, without the CPU flags and the list of mounts (what a manifest records)."""
+        return {
+            "_type": probe.PROBE_TYPE, "probe_format": probe.PROBE_FORMAT,
+            "python": {"version": self.python_version, "implementation": self.implementation, "abi": self.abi},
+            "platform": {"machine": self.machine, "glibc": self.glibc, "musl": self.musl,
+                         "tags": list(self.platform_tags)},
+            "cpu": {"model": self.cpu_model, "x86_64_level": self.x86_64_level, "usable_cpus": self.usable_cpus,
+                    "cores": self.cores},
+            "memory": {"total": self.ram_total, "available": self.ram_available, "cgroup_limit": self.cgroup_limit},
+            "disk": {"prefix": self.disk_prefix, "free": self.disk_free},
+            "nvidia": {
+                "driver_version": self.driver_version, "source": self.gpu_source, "note": self.gpu_note,
+                "cuda_visible_devices": self.cuda_visible_devices,
+                "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "bus_id": g.bus_id,
+                          "memory_total": g.memory_total, "memory_free": g.memory_free,
+                          "compute_capability": g.compute_capability} for g in self.gpus],
+            },
+        }
+
+
+def parse_probe(raw: object, where: str) -> HostFacts:
+    """Check a probe document (as JSON-decoded) field by field; ProbeError names the first bad one."""
+    doc = _Doc(raw, where, "probe")
+    if doc.text("_type") != probe.PROBE_TYPE:
+        raise ProbeError(f"{where}: not an airgap probe: expected _type {probe.PROBE_TYPE!r}, "
+                         f"found {doc.raw.get('_type')!r}")
+    if doc.count("probe_format") != probe.PROBE_FORMAT:
+        raise ProbeError(f"{where}: unsupported probe format: this airgap reads format {probe.PROBE_FORMAT}, "
+                         f"found {doc.raw.get('probe_format')!r}")
+    python, platform, cpu = doc.obj("python"), doc.obj("platform"), doc.obj("cpu")
+    memory, disk, nvidia = doc.obj("memory"), doc.obj("disk"), doc.obj("nvidia")
+    version = python.text("version")
+    if not all(part.isdigit() for part in version.split(".")) or version.count(".") not in (1, 2):
+        raise ProbeError(f"{where}: python.version must look like 3.11.7, found {version!r}")
+    level = cpu.optional_count("x86_64_level")
+    if level is not None and not 1 <= level <= 4:
+        raise ProbeError(f"{where}: cpu.x86_64_level must be 1 to 4, found {level}")
+    total = memory.count("total")
+    return HostFacts(
+        python_version=version, implementation=python.text("implementation"), abi=python.optional_text("abi"),
+        machine=platform.text("machine"), glibc=platform.optional_text("glibc"), musl=platform.optional_text("musl"),
+        platform_tags=tuple(platform.texts("tags")), cpu_model=cpu.optional_text("model"), x86_64_level=level,
+        usable_cpus=max(cpu.count("usable_cpus"), 1), cores=cpu.optional_count("cores"),
+        ram_total=total, ram_available=min(memory.count("available"), total),
+        cgroup_limit=memory.optional_count("cgroup_limit"),
+        disk_prefix=disk.optional_text("prefix"), disk_free=disk.optional_count("free"),
+        driver_version=nvidia.optional_text("driver_version"), gpu_source=nvidia.optional_text("source"),
+        gpu_note=nvidia.optional_text("note"), cuda_visible_devices=nvidia.optional_text("cuda_visible_devices"),
+        gpus=tuple(_gpu(_Doc(g, where, "nvidia.gpus[]")) for g in nvidia.items("gpus", 64)),
+    )
+
+
+def _gpu(doc: _Doc) -> GpuFacts:
+    capability = doc.optional_text("compute_capability")
+    if capability is not None and not (capability.replace(".", "", 1).isdigit() and "." in capability):
+        raise ProbeError(f"{doc.where}: {doc.what}.compute_capability must look like 9.0, found {capability!r}")
+    return GpuFacts(
+        index=doc.count("index"), name=doc.text("name", allow_empty=True), uuid=doc.optional_text("uuid"),
+        bus_id=doc.optional_text("bus_id"), memory_total=doc.optional_count("memory_total"),
+        memory_free=doc.optional_count("memory_free"), compute_capability=capability,
+    )
+
+
+def load_probe(path: Path) -> HostFacts:
+    """Read a probe file (`airgap probe -o FILE`, or `python3 probe.py -o FILE` on the target host)."""
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_PROBE_BYTES + 1)
+    except OSError as exc:
+        raise ProbeError(f"cannot read probe file {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_PROBE_BYTES:
+        raise ProbeError(f"{path}: too large for a probe file: limit {MAX_PROBE_BYTES} bytes")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProbeError(f"{path}: not a probe file: expected JSON written by `airgap probe`, found {exc}") from exc
+    return parse_probe(raw, str(path))
+
+
+def probe_facts(
+    prefix: Path = Path("/opt/airgap"), *,
+    proc: Path = Path("/proc"),
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    nvidia_smi: str | None = "nvidia-smi",
+    environ: Mapping[str, str] = os.environ,
+) -> HostFacts:
+    """This host's facts, read now."""
+    try:
+        raw = probe.collect(prefix, proc=proc, cgroup_root=cgroup_root, nvidia_smi=nvidia_smi, environ=environ)
+    except probe.ProbeParseError as exc:
+        raise ProbeError(str(exc)) from exc
+    return parse_probe(raw, "this host")
+
+
+def host_info(facts: HostFacts) -> HostInfo:
+    """What the planner uses: memory capped by the cgroup, the GPUs CUDA_VISIBLE_DEVICES leaves visible."""
+    notes: list[str] = []
+    total, available = facts.ram_total, facts.ram_available
+    if facts.cgroup_limit is not None and facts.cgroup_limit < total:
+        notes.append(f"memory is capped by a cgroup limit of {facts.cgroup_limit / GIB:.1f} GiB")
+        total, available = facts.cgroup_limit, min(available, facts.cgroup_limit)
+    if facts.gpu_note:
+        notes.append(f"{facts.gpu_note}; planning without GPUs")
     gpus: list[GpuInfo] = []
-    for line in text.splitlines():
-        if not line.strip():
+    for gpu in facts.gpus:
+        if gpu.memory_total is None or gpu.memory_free is None:
+            notes.append(f"GPU {gpu.index} ({gpu.name}): memory unknown without nvidia-smi; planning without it")
             continue
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) < 4:
-            raise ServeError(f"cannot read nvidia-smi output: expected 'index, name, total, free', found {line!r}")
-        index, total, free = fields[0], fields[-2], fields[-1]
-        name = ",".join(fields[1:-2]).strip()
-        if not (index.isdigit() and total.isdigit() and free.isdigit()):
-            if "N/A" in total or "N/A" in free:
-                continue
-            raise ServeError(f"cannot read nvidia-smi output: expected numbers in MiB, found {line!r}")
-        gpus.append(GpuInfo(index=int(index), name=name, memory_total=int(total) * MIB, memory_free=int(free) * MIB))
-    return tuple(gpus)
+        gpus.append(GpuInfo(index=gpu.index, name=gpu.name, memory_total=gpu.memory_total,
+                            memory_free=gpu.memory_free, compute_capability=gpu.compute_capability, uuid=gpu.uuid))
+    cores = facts.cores or facts.usable_cpus
+    return HostInfo(
+        ram_total=total, ram_available=available, cpus=facts.usable_cpus, cores=min(cores, facts.usable_cpus),
+        gpus=visible_gpus(tuple(gpus), facts.cuda_visible_devices), notes=tuple(notes),
+    )
+
+
+def probe_host(
+    proc: Path = Path("/proc"),
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    nvidia_smi: str | None = "nvidia-smi",
+    environ: Mapping[str, str] = os.environ,
+) -> HostInfo:
+    return host_info(probe_facts(proc=proc, cgroup_root=cgroup_root, nvidia_smi=nvidia_smi, environ=environ))
 
 
 def visible_gpus(gpus: tuple[GpuInfo, ...], cuda_visible_devices: str | None) -> tuple[GpuInfo, ...]:
@@ -112,104 +254,48 @@ def visible_gpus(gpus: tuple[GpuInfo, ...], cuda_visible_devices: str | None) ->
     return tuple(by_index[i] for i in order if i in by_index)
 
 
-def parse_cpuinfo_cores(text: str, allowed_cpus: frozenset[int] | None = None) -> int | None:
-    """Physical cores among the allowed logical CPUs, from /proc/cpuinfo; None when it does not say."""
-    cores: set[tuple[str, str]] = set()
-    processor: int | None = None
-    physical = core = None
-    for line in [*text.splitlines(), ""]:
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "processor" and value.isdigit():
-            processor = int(value)
-        elif key == "physical id":
-            physical = value
-        elif key == "core id":
-            core = value
-        elif not line.strip():
-            if processor is not None and core is not None and (allowed_cpus is None or processor in allowed_cpus):
-                cores.add((physical or "0", core))
-            processor = physical = core = None
-    return len(cores) or None
+class _Doc:
+    """Typed, bounded access to one JSON object of a probe document, with errors that name the field."""
 
+    def __init__(self, raw: object, where: str, what: str) -> None:
+        if not isinstance(raw, dict):
+            raise ProbeError(f"{where}: {what} must be a JSON object, found {type(raw).__name__}")
+        self.raw: dict[str, Any] = raw
+        self.where = where
+        self.what = what
 
-def parse_cgroup_memory_limit(text: str) -> int | None:
-    """A cgroup's memory limit (v2 memory.max or v1 memory.limit_in_bytes); None when unlimited."""
-    value = text.strip()
-    if value == "max" or not value.isdigit():
-        return None
-    limit = int(value)
-    return None if limit >= _CGROUP_V1_UNLIMITED else limit
+    def _fail(self, key: str, expected: str) -> ProbeError:
+        return ProbeError(f"{self.where}: {self.what}.{key} must be {expected}, found {repr(self.raw.get(key))[:80]}")
 
+    def obj(self, key: str) -> _Doc:
+        return _Doc(self.raw.get(key), self.where, key if self.what == "probe" else f"{self.what}.{key}")
 
-def cgroup_memory_files(proc_self_cgroup: str, cgroup_root: Path) -> list[Path]:
-    """The memory-limit files of this process's cgroup and its ancestors (v2 and v1 layouts)."""
-    candidates: list[Path] = []
-    for line in proc_self_cgroup.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            base, name = cgroup_root, "memory.max"
-        elif "memory" in controllers.split(","):
-            base, name = cgroup_root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), -1, -1):
-            candidates.append(base.joinpath(*parts[:depth], name))
-    return candidates
+    def text(self, key: str, allow_empty: bool = False) -> str:
+        value = self.raw.get(key)
+        if not isinstance(value, str) or len(value) > _MAX_TEXT or not (value or allow_empty):
+            raise self._fail(key, f"a string of at most {_MAX_TEXT} characters")
+        return value
 
+    def optional_text(self, key: str) -> str | None:
+        return None if self.raw.get(key) is None else self.text(key, allow_empty=True)
 
-def probe_host(
-    proc: Path = Path("/proc"),
-    cgroup_root: Path = Path("/sys/fs/cgroup"),
-    nvidia_smi: str | None = "nvidia-smi",
-    environ: Mapping[str, str] = os.environ,
-) -> HostInfo:
-    total, available = parse_meminfo(_read(proc / "meminfo") or "")
-    notes: list[str] = []
-    limit = _cgroup_limit(proc, cgroup_root)
-    if limit is not None and limit < total:
-        notes.append(f"memory is capped by a cgroup limit of {limit / (1 << 30):.1f} GiB")
-        total, available = limit, min(available, limit)
-    allowed = frozenset(os.sched_getaffinity(0))
-    cores = parse_cpuinfo_cores(_read(proc / "cpuinfo") or "", allowed) or len(allowed)
-    gpus, gpu_note = _probe_gpus(nvidia_smi, environ)
-    if gpu_note:
-        notes.append(gpu_note)
-    return HostInfo(
-        ram_total=total, ram_available=available, cpus=len(allowed), cores=min(cores, len(allowed)),
-        gpus=gpus, notes=tuple(notes),
-    )
+    def count(self, key: str) -> int:
+        value = self.raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+            raise self._fail(key, "a count (an integer >= 0)")
+        return value
 
+    def optional_count(self, key: str) -> int | None:
+        return None if self.raw.get(key) is None else self.count(key)
 
-def _cgroup_limit(proc: Path, cgroup_root: Path) -> int | None:
-    limits = [
-        parse_cgroup_memory_limit(_read(path) or "max")
-        for path in cgroup_memory_files(_read(proc / "self" / "cgroup") or "", cgroup_root)
-    ]
-    known = [limit for limit in limits if limit is not None]
-    return min(known) if known else None
+    def items(self, key: str, limit: int) -> list[Any]:
+        value = self.raw.get(key)
+        if not isinstance(value, list) or len(value) > limit:
+            raise self._fail(key, f"a list of at most {limit} items")
+        return value
 
-
-def _probe_gpus(nvidia_smi: str | None, environ: Mapping[str, str]) -> tuple[tuple[GpuInfo, ...], str]:
-    executable = shutil.which(nvidia_smi) if nvidia_smi else None
-    if executable is None:
-        return (), ""
-    try:
-        result = subprocess.run(
-            [executable, *NVIDIA_SMI_QUERY], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return (), f"nvidia-smi did not answer ({exc}); planning without GPUs"
-    if result.returncode != 0:
-        reason = (result.stdout + result.stderr).strip().splitlines()[:1] or [f"exit status {result.returncode}"]
-        return (), f"nvidia-smi failed ({reason[0]}); planning without GPUs"
-    return visible_gpus(parse_nvidia_smi(result.stdout), environ.get("CUDA_VISIBLE_DEVICES")), ""
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
+    def texts(self, key: str) -> list[str]:
+        values = self.items(key, _MAX_ITEMS)
+        if not all(isinstance(v, str) and 0 < len(v) <= _MAX_TEXT for v in values):
+            raise self._fail(key, "a list of strings")
+        return values

@@ -135,6 +135,7 @@ class Plan:
     vram_budget: int
     fits: bool
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    tensor_split: tuple[float, ...] = ()  # llama.cpp --tensor-split: each GPU's share of the offloaded layers
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "reasons": list(self.reasons)}
@@ -165,11 +166,37 @@ def ram_budget(host: HostInfo) -> int:
 
 
 def vram_budget(host: HostInfo) -> int:
-    usable = 0
+    return sum(gpu_budgets(host))
+
+
+def gpu_budgets(host: HostInfo) -> tuple[int, ...]:
+    """Usable bytes of each GPU, in the host's order: free memory less its margin and its CUDA context."""
+    budgets = []
     for gpu in host.gpus:
         margin = max(VRAM_MARGIN_MIN, int(gpu.memory_total * VRAM_MARGIN_FRACTION))
-        usable += max(gpu.memory_free - margin - RUNTIME_VRAM_PER_GPU, 0)
-    return usable
+        budgets.append(max(gpu.memory_free - margin - RUNTIME_VRAM_PER_GPU, 0))
+    return tuple(budgets)
+
+
+def tensor_split(host: HostInfo) -> tuple[float, ...]:
+    """Shares of the offloaded layers per GPU, proportional to each one's usable memory; () for one GPU or none."""
+    budgets = gpu_budgets(host)
+    total = sum(budgets)
+    if len(budgets) < 2 or total == 0:
+        return ()
+    return tuple(round(b / total, 3) for b in budgets)
+
+
+def shortfall(shape: ModelShape, host: HostInfo, gpu_offload: bool = True) -> int:
+    """Bytes missing to serve `shape` on `host` at the minimum context; 0 when make_plan would not refuse."""
+    use_gpu = gpu_offload and bool(host.gpus)
+    budget = _Budget(ram=ram_budget(host), vram=vram_budget(host) if use_gpu else 0,
+                     gpus=len(host.gpus) if use_gpu else 0)
+    min_ctx = _context_bounds(shape)[1]
+    ngl = _choose_gpu_layers(shape, budget, min_ctx) if use_gpu else 0
+    if _largest_context(shape, ngl, budget) >= min_ctx:
+        return 0
+    return max(_missing(footprint(shape, ngl, min_ctx, max(budget.gpus, 1)), budget), 1)
 
 
 def footprint(shape: ModelShape, n_gpu_layers: int, n_ctx: int, gpu_count: int = 1) -> Footprint:
@@ -227,6 +254,10 @@ def make_plan(
 
     n_threads, n_threads_batch, thread_reason = _threads(host, overrides)
     reasons.append(thread_reason)
+    split = tensor_split(host) if use_gpu and ngl_for_memory else ()
+    if split:
+        reasons.append(f"tensor split {','.join(f'{share:g}' for share in split)}: the {ngl_for_memory} offloaded"
+                       f" layers spread over {len(split)} GPUs in proportion to their usable memory")
     need = footprint(shape, ngl_for_memory, n_ctx, max(budget.gpus, 1))
     fits = need.ram <= budget.ram and need.vram <= budget.vram
     if not fits:
@@ -235,7 +266,7 @@ def make_plan(
     return Plan(
         model_id=shape.id, n_gpu_layers=ngl, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads_batch,
         ram_needed=need.ram, ram_budget=budget.ram, vram_needed=need.vram, vram_budget=budget.vram, fits=fits,
-        reasons=tuple(reasons),
+        reasons=tuple(reasons), tensor_split=split,
     )
 
 

@@ -178,10 +178,12 @@ def plan_for(
     return _plans(installation, select_models(installation.models, model), overrides, host or probe_host())
 
 
-def plans_json(plans: Sequence[Plan], host: HostInfo | None = None) -> str:
+def plans_json(plans: Sequence[Plan], host: HostInfo | None = None, host_check: Mapping[str, Any] | None = None) -> str:
     document: dict[str, Any] = {"models": [p.to_dict() for p in plans]}
     if host is not None:
         document["host"] = host.to_dict()
+    if host_check is not None:
+        document["host_check"] = dict(host_check)
     return json.dumps(document, indent=2, sort_keys=True)
 
 

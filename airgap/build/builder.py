@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ from airgap.bundle.container import LateFile, prepare_entry, scratch_dir
 from airgap.bundle.drops import PLACEHOLDER_SHA256, load_roots, pack, read_base, root_payload
 from airgap.errors import MissingDependencyError, SpecError
 from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
+from airgap.host import HostFacts
 from airgap.progress import byte_progress
 from airgap.streams.pipeline import digest_file
 from airgap.trust.roots import Root
@@ -38,6 +39,8 @@ class BuildOptions:
     base: Path | None = None  # build an update drop on top of this bundle
     roots: tuple[Path, ...] = ()  # root files (one unbroken chain) the bundle carries
     expires_days: int | None = None  # overrides the spec's bundle.expires_days
+    target: HostFacts | None = None  # build for the host of this probe (`build --target`)
+    say: Callable[[str], object] | None = None  # where the choices made for the target are explained
 
 
 def creation_time(explicit: datetime | None = None) -> datetime:
@@ -61,6 +64,13 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
     """Build `<out_dir>/<name>-<version>.airgap` from a spec, signed by every key in `signers`."""
     _check_build_extra(spec)
     created = creation_time(options.created)
+    target: dict[str, object] | None = None
+    if options.target is not None:
+        from airgap.build.fit import HubReader, size_for_target
+
+        targeted = size_for_target(spec, options.target, HubReader(options.hub_endpoint), options.say)
+        spec, target = targeted.spec, targeted.record
+    _check_no_open_choice(spec)
     base = read_base(options.base) if options.base is not None else None
     roots = load_roots(options.roots)
     _check_release_keys(signers, roots)
@@ -87,6 +97,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
                 "platforms": list(spec.python.platforms),
                 "bootstrap": BOOTSTRAP_REQUIREMENTS,
             },
+            target=target,
         )
         out = options.out_dir / bundle_filename(spec.name, spec.version)
         carried = [*root_payload(roots, work), *payload]
@@ -119,6 +130,14 @@ def _sbom_file(draft: Manifest, wheels: list[ResolvedWheel], model_licenses: dic
     entry = FileEntry(path=SBOM_PATH, size=size, sha256=PLACEHOLDER_SHA256, kind="meta", storage="raw",
                       stored_size=size, source={"type": "generated"})
     return LateFile(entry, lambda entries: render_sbom(replace(draft, files=tuple(entries)), facts))
+
+
+def _check_no_open_choice(spec: Spec) -> None:
+    """`file = "auto"` or a glob picks one quantization for a target host; without one there is nothing to size."""
+    for model in spec.models:
+        if len(model.files) == 1 and (model.files[0] == "auto" or any(c in model.files[0] for c in "*?[")):
+            raise SpecError(f"model {model.id!r}: file = {model.files[0]!r} picks the largest quantization that fits a "
+                            "target host; pass --target PROBE.json (written by `airgap probe` on that host)")
 
 
 def _check_release_keys(signers: Sequence[PrivateKey], roots: Sequence[Root]) -> None:

@@ -134,6 +134,7 @@ class Manifest:
     base: BaseRef | None = None
     sha256sums: str = ""
     format_version: int = FORMAT_VERSION
+    target: Mapping[str, Any] | None = None  # the host built for (`build --target`); None: any host
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
@@ -157,7 +158,9 @@ class Manifest:
         return replace(self, sha256sums=hashlib.sha256(self.sha256sums_text()).hexdigest())
 
     def to_dict(self) -> dict[str, Any]:
+        optional = {} if self.target is None else {"target": dict(self.target)}
         return {
+            **optional,
             "_type": MANIFEST_TYPE,
             "format": self.format_version,
             "name": self.name,
@@ -223,6 +226,7 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
         python={k: v for k, v in python.items() if k != "packages"},
         base=_parse_base(raw.get("base")),
         sha256sums=_check_sha256(doc.text("sha256sums"), "sha256sums"),
+        target=None if raw.get("target") is None else doc.obj("target"),
     )
     if manifest.with_sha256sums().sha256sums != manifest.sha256sums:
         raise FormatError("manifest's sha256sums field does not match its own file list")

@@ -50,6 +50,7 @@ from airgap.volumes.parity import ParityCode, check_share_count, stripe_size_for
 from airgap.volumes.reader import BundleStream, locate_bundle, open_bundle
 
 README_NAME = "README.txt"
+PROBE_NAME = "probe.py"  # airgap.probe, runnable on the isolated host before airgap is installed there
 AfterWrite = Callable[[Path], object]
 VolumeSize = int | None | Literal["auto"]
 _INDEX_SLACK = 1 << 20  # index and README, on top of the volumes, in the free-space check
@@ -158,9 +159,13 @@ class _VolumeSetWriter:
             write_atomic(self.dest / index.index_name, index.to_bytes())
             readme = None
             if self.verify:
+                self.current = PROBE_NAME
+                probe_text = probe_source()
+                write_atomic(self.dest / PROBE_NAME, probe_text)
                 readme = self.dest / README_NAME
                 self.current = README_NAME
-                write_atomic(readme, render_readme(index, self.source.head).encode())
+                write_atomic(readme, render_readme(index, self.source.head, hashlib.sha256(probe_text).hexdigest())
+                             .encode())
             fsync_dir(self.dest)
         except OSError as exc:
             raise VolumeError(f"writing {self.current or self.dest} in {self.dest} failed: "
@@ -385,7 +390,14 @@ def _read_back(path: Path, entry: VolumeFile, advance: Callable[[int], object]) 
 
 # ---------------------------------------------------------------- the operator's sheet
 
-def render_readme(index: VolumeIndex, head: Head) -> str:
+def probe_source() -> bytes:
+    """The bytes of airgap/probe.py, the stdlib-only host probe an operator runs with `python3 probe.py`."""
+    from airgap import probe
+
+    return Path(probe.__file__).read_bytes()
+
+
+def render_readme(index: VolumeIndex, head: Head, probe_sha256: str | None = None) -> str:
     manifest = head.manifest
     sizes = {e.path: e.size for e in manifest.files}
     models = [{"id": m.id, "size": format_size(sum(sizes.get(f, 0) for f in m.files)), "files": list(m.files)}
@@ -395,5 +407,7 @@ def render_readme(index: VolumeIndex, head: Head) -> str:
         created=format_time(manifest.created), expires=format_time(manifest.expires), models=models,
         keyids=sorted(s.keyid for s in head.signatures), total_size=format_size(index.bundle_size),
         volume_glob=f"{index.bundle_file}.[0-9]*", first_volume=index.volumes[0].name,
-        files=[{"name": v.name, "size": v.size, "sha256": v.sha256} for v in index.files],
+        files=[{"name": v.name, "size": v.size, "sha256": v.sha256} for v in index.files]
+        + ([{"name": PROBE_NAME, "size": 0, "sha256": probe_sha256}] if probe_sha256 else []),
+        probe_name=PROBE_NAME if probe_sha256 else None,
     )

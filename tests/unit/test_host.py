@@ -5,17 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from airgap.errors import ServeError
-from airgap.host import (
-    MIB,
-    GpuInfo,
+from airgap.host import MIB, GpuInfo, probe_host, visible_gpus
+from airgap.probe import (
+    ProbeParseError,
     cgroup_memory_files,
     parse_cgroup_memory_limit,
     parse_cpuinfo_cores,
     parse_meminfo,
     parse_nvidia_smi,
-    probe_host,
-    visible_gpus,
 )
 
 MEMINFO = """\
@@ -28,10 +25,11 @@ SwapTotal:             0 kB
 HugePages_Total:       0
 """
 
-# `nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits`
+# `nvidia-smi --query-gpu=index,uuid,pci.bus_id,memory.total,memory.free,compute_cap,driver_version,name
+#  --format=csv,noheader,nounits`
 NVIDIA_SMI = """\
-0, NVIDIA GeForce RTX 4090, 24564, 23880
-1, NVIDIA H100 80GB HBM3, 81559, 81003
+0, GPU-5c1e0e4e-7d0e-4a51-9d55-2f1f0c9a1b01, 00000000:01:00.0, 24564, 23880, 8.9, 580.65.06, NVIDIA GeForce RTX 4090
+1, GPU-0b4f8c2d-1e2a-4d8e-b0c4-6a8e3c2f9d10, 00000000:41:00.0, 81559, 81003, 9.0, 580.65.06, NVIDIA H100 80GB HBM3
 """
 
 # Two sockets' worth of a hyper-threaded CPU, cut to the fields that matter: 4 logical CPUs, 2 cores.
@@ -50,29 +48,33 @@ def test_old_kernels_without_memavailable_use_free_plus_cache() -> None:
 
 
 def test_meminfo_without_total_is_refused() -> None:
-    with pytest.raises(ServeError, match="MemTotal"):
+    with pytest.raises(ProbeParseError, match="expected a MemTotal line"):
         parse_meminfo("garbage\n")
 
 
 def test_nvidia_smi_csv_gives_gpus_in_bytes() -> None:
-    assert parse_nvidia_smi(NVIDIA_SMI) == (
-        GpuInfo(0, "NVIDIA GeForce RTX 4090", 24564 * MIB, 23880 * MIB),
-        GpuInfo(1, "NVIDIA H100 80GB HBM3", 81559 * MIB, 81003 * MIB),
-    )
+    gpus = parse_nvidia_smi(NVIDIA_SMI)
+    assert [(g["index"], g["name"], g["memory_total"], g["memory_free"], g["compute_capability"]) for g in gpus] == [
+        (0, "NVIDIA GeForce RTX 4090", 24564 * MIB, 23880 * MIB, "8.9"),
+        (1, "NVIDIA H100 80GB HBM3", 81559 * MIB, 81003 * MIB, "9.0"),
+    ]
+    assert {g["driver_version"] for g in gpus} == {"580.65.06"}
 
 
 def test_nvidia_smi_rows_without_memory_figures_are_skipped() -> None:
-    text = "0, NVIDIA A100-SXM4-40GB, [N/A], [N/A]\n1, Tesla T4, 15360, 15000\n"
-    assert [g.index for g in parse_nvidia_smi(text)] == [1]
+    text = ("0, GPU-a, 00000000:01:00.0, [N/A], [N/A], 8.0, 580.65.06, NVIDIA A100-SXM4-40GB\n"
+            "1, GPU-b, 00000000:02:00.0, 15360, 15000, 7.5, 580.65.06, Tesla T4\n")
+    assert [g["index"] for g in parse_nvidia_smi(text)] == [1]
 
 
 def test_nvidia_smi_garbage_is_refused() -> None:
-    with pytest.raises(ServeError, match="nvidia-smi"):
+    with pytest.raises(ProbeParseError, match="cannot read nvidia-smi output: expected 8 values"):
         parse_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n")
 
 
 def test_cuda_visible_devices_selects_and_orders_gpus() -> None:
-    gpus = parse_nvidia_smi(NVIDIA_SMI)
+    gpus = tuple(GpuInfo(g["index"], g["name"], g["memory_total"], g["memory_free"])
+                 for g in parse_nvidia_smi(NVIDIA_SMI))
     assert visible_gpus(gpus, None) == gpus
     assert [g.index for g in visible_gpus(gpus, "1")] == [1]
     assert [g.index for g in visible_gpus(gpus, "1,0")] == [1, 0]
@@ -114,7 +116,8 @@ def fake_proc(tmp_path: Path, cgroup: str = "0::/svc\n") -> Path:
 def fake_nvidia_smi(tmp_path: Path, output: str, status: int = 0) -> str:
     script = tmp_path / "nvidia-smi"
     (tmp_path / "out.txt").write_text(output)
-    script.write_text(f"#!/bin/sh\n[ \"$1\" = --query-gpu=index,name,memory.total,memory.free ] || exit 9\n"
+    query = "--query-gpu=index,uuid,pci.bus_id,memory.total,memory.free,compute_cap,driver_version,name"
+    script.write_text(f"#!/bin/sh\n[ \"$1\" = {query} ] || exit 9\n"
                       f"cat {tmp_path / 'out.txt'}\nexit {status}\n")
     script.chmod(0o755)
     return str(script)

@@ -28,12 +28,14 @@ MAY_IMPORT: dict[str, set[str]] = {
     "bundle": {"format", "trust", "streams"},
     "volumes": {"format", "streams", "bundle", "progress", "templates"},
     "prefix": {"format", "trust", "streams", "bundle", "volumes", "progress"},
-    "host": set(),
+    "probe": set(),  # stdlib only: it runs from a stick with no airgap installed (tests/unit/test_probe.py)
+    "host": {"probe"},
+    "target": {"host"},
     "plan": {"host"},
     "serve": {"format", "host", "plan", "templates"},
-    "build": {"format", "trust", "streams", "bundle", "progress"},
-    "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "host", "plan", "serve", "build",
-            "progress", "templates"},
+    "build": {"format", "trust", "streams", "bundle", "progress", "host", "plan", "target"},
+    "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "probe", "host", "target", "plan", "serve",
+            "build", "progress", "templates"},
     "__main__": {"cli"},
 }
 OWNERS = {"cryptography": ("trust",), "huggingface_hub": ("build/sources/hf.py",),

@@ -214,3 +214,14 @@ def test_malformed_gguf_metadata_is_refused(bad: dict[str, Any]) -> None:
 def test_nonsense_overrides_are_refused(overrides: dict[str, int]) -> None:
     with pytest.raises(PlanError):
         Overrides(**overrides)
+
+
+def test_several_gpus_get_a_tensor_split_in_proportion_to_their_usable_memory() -> None:
+    host = gpu_host(64, 60, 24, 48)
+    plan = make_plan(LLAMA3_70B, host)
+    assert plan.n_gpu_layers > 0 and len(plan.tensor_split) == 2
+    small, large = (g.memory_free - max(256 * MIB, int(g.memory_total * 0.05)) - 512 * MIB for g in host.gpus)
+    assert plan.tensor_split == (round(small / (small + large), 3), round(large / (small + large), 3))
+    assert json.loads(plan.to_json())["tensor_split"] == list(plan.tensor_split)
+    assert any(r.startswith("tensor split 0.3") and "over 2 GPUs" in r for r in plan.reasons)
+    assert make_plan(LLAMA3_70B, gpu_host(64, 60, 24)).tensor_split == ()

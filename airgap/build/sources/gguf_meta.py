@@ -182,3 +182,29 @@ def read_gguf_metadata(path: Path) -> dict[str, object]:
         }
     except (UnicodeDecodeError, ValueError) as error:
         raise FormatError(f"{path}: malformed GGUF metadata: {error}") from error
+
+
+def read_gguf_metadata_head(head: bytes, size: int, name: str) -> dict[str, object] | None:
+    """`read_gguf_metadata` from the first bytes of a GGUF file of `size` bytes, before downloading the rest.
+
+    The bytes go into a sparse file of the full size, so the reader sees the real header and tensor table while
+    the weights read as holes it never touches. None when the header runs past `head` (fetch more, try again).
+    """
+    import tempfile
+
+    if len(head) >= 4 and head[:4] != GGUF_MAGIC:
+        raise FormatError(f"{name}: not a GGUF file: magic is {head[:4]!r}, expected {GGUF_MAGIC!r}")
+    with tempfile.TemporaryDirectory(prefix="airgap-gguf-head-") as work:
+        path = Path(work) / name.replace("/", "-")
+        with path.open("wb") as stream:
+            stream.write(head)
+            stream.truncate(max(size, len(head)))
+        try:
+            reader = _open(path)
+        except FormatError:
+            if len(head) < size:
+                return None  # the missing bytes read as zeros: a header cut short looks malformed
+            raise
+        if int(reader.data_offset) > len(head) and len(head) < size:
+            return None
+        return read_gguf_metadata(path)

@@ -287,3 +287,33 @@ def _reason(error: BaseException, repo: str, revision: str) -> str | None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
+
+
+def list_hub_files(
+    repo: str, revision: str, endpoint: str | None = None, token: str | None = None,
+) -> tuple[str, dict[str, int]]:
+    """(the commit `revision` resolves to, {file name: size} at that commit), without downloading any file."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="airgap", library_version=__version__)
+    commit = _resolve_commit(api, repo, revision)
+    return commit, {name: entry.size for name, entry in _list_files(api, repo, revision, commit).items()}
+
+
+def read_hub_head(
+    repo: str, commit: str, filename: str, length: int, endpoint: str | None = None, token: str | None = None,
+) -> bytes:
+    """The first `length` bytes of a file at a commit (one HTTP range request): enough to read a GGUF header."""
+    from huggingface_hub import get_session, hf_hub_url, hf_raise_for_status
+    from huggingface_hub.utils._headers import build_hf_headers  # the headers (token, agent) of every hub call
+
+    url = hf_hub_url(repo, filename, revision=commit, endpoint=endpoint)
+    headers = {**build_hf_headers(token=token, library_name="airgap", library_version=__version__),
+               "Range": f"bytes=0-{length - 1}"}
+    with _hub_errors(repo, commit, filename):
+        response = get_session().get(url, headers=headers, follow_redirects=True)
+        hf_raise_for_status(response)
+    data = bytes(response.content)
+    if response.status_code == 200:  # a server that ignores Range sends the whole file
+        data = data[:length]
+    return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -359,7 +360,8 @@ def test_copy_removes_leftovers_of_an_earlier_cut(bundle: Bundle, tmp_path: Path
     (stick / "unrelated.txt").write_text("keep me")
     report = copy_bundle(bundle.path, stick, 200_000, progress=False, segment_size=SEGMENT)
     assert sorted(p.name for p in stick.iterdir()) == sorted(
-        ["README.txt", "unrelated.txt", "demo-1.0.airgap.volumes.json", *(v.name for v in report.index.volumes)])
+        ["README.txt", "probe.py", "unrelated.txt", "demo-1.0.airgap.volumes.json",
+         *(v.name for v in report.index.volumes)])
     assert read_all(stick) == bundle.data
 
 
@@ -467,7 +469,11 @@ def test_readme_names_bundle_models_keys_and_commands(bundle: Bundle, tmp_path: 
     assert "(demo-1.0.airgap.r01); airgap says which volume it rebuilt" in text
     assert report.index.bundle_sha256 in text and report.index.manifest_sha256 in text
     listed = [line.split("  ") for line in text.splitlines() if line[:1].isalnum() and len(line.split("  ")[0]) == 64]
-    assert [(h, n) for h, n in listed] == [(v.sha256, v.name) for v in report.index.files]
+    probe_sha256 = hashlib.sha256((tmp_path / "stick" / "probe.py").read_bytes()).hexdigest()
+    volumes = [(v.sha256, v.name) for v in report.index.files]
+    assert [(h, n) for h, n in listed] == [*volumes, (probe_sha256, "probe.py")]
+    assert 'python3 -I "$STICK/probe.py" --prefix /opt/airgap -o probe.json' in text
+    assert (tmp_path / "stick" / "probe.py").read_bytes() == (REPO / "airgap" / "probe.py").read_bytes()
 
 
 @pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "openssl", "zstd", "tar", "sha256sum")),
@@ -488,7 +494,8 @@ def test_readme_recipe_verifies_by_hand_and_catches_tampering(bundle: Bundle, tm
         os.chmod(stick, 0o755)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert out.count(": OK") == len(report.index.volumes) + 2  # each volume, SHA256SUMS, all files
+    assert out.count(": OK") == len(report.index.volumes) + 3  # each volume, probe.py, SHA256SUMS, all files
+    assert "probe.py: OK" in out
     assert report.index.bundle_sha256 in out and key_id(bundle.key.public_key()) in out
     assert "Signature Verified Successfully" in out
     assert (work / "computed.sums").read_text().count("\n") == 3

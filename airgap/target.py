@@ -1,0 +1,149 @@
+"""The host a bundle is built for: the CUDA driver floor, the engine it can run, and how another host differs.
+
+Pure functions on HostFacts (airgap.host); no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from airgap.errors import ProbeError
+from airgap.host import HostFacts, parse_probe
+
+CUDA_MAJOR = 13
+CUDA_DRIVER_FLOOR = 580  # CUDA 13.0 needs an NVIDIA driver of branch R580 or newer (Linux 580.65.06 shipped it)
+_SAME_MEMORY = 0.97  # kernels and firmware reserve slightly different amounts of the same RAM
+
+
+def driver_branch(version: str | None) -> int | None:
+    """580 from '580.65.06'; None when the version is unknown or unreadable."""
+    match = re.match(r"(\d+)\.", version or "")
+    return int(match[1]) if match else None
+
+
+def meets_cuda_floor(version: str | None) -> bool | None:
+    """Whether a driver runs the CUDA 13 engine; None when the version is unknown."""
+    branch = driver_branch(version)
+    return None if branch is None else branch >= CUDA_DRIVER_FLOOR
+
+
+def driver_report(facts: HostFacts) -> dict[str, Any]:
+    """What `plan` says about the NVIDIA driver against the CUDA engine's floor."""
+    meets = meets_cuda_floor(facts.driver_version)
+    if not facts.gpus and facts.driver_version is None:
+        line = "no NVIDIA driver: the CPU engine serves"
+    elif meets is None:
+        line = f"NVIDIA driver version unknown: the CUDA {CUDA_MAJOR} engine needs R{CUDA_DRIVER_FLOOR} or newer"
+    elif meets:
+        line = f"NVIDIA driver {facts.driver_version} meets the CUDA {CUDA_MAJOR} floor (R{CUDA_DRIVER_FLOOR} or newer)"
+    else:
+        line = (f"NVIDIA driver {facts.driver_version} is older than R{CUDA_DRIVER_FLOOR}, which the CUDA "
+                f"{CUDA_MAJOR} engine needs: the CPU engine serves")
+    return {"version": facts.driver_version, "cuda_major": CUDA_MAJOR, "floor": CUDA_DRIVER_FLOOR,
+            "meets_floor": meets, "summary": line}
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine a bundle for this host carries: "cuda" or "cpu", and why, in one line."""
+
+    engine: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"engine": self.engine, "reason": self.reason}
+
+
+def choose_engine(facts: HostFacts, cuda_packed: bool) -> EngineChoice:
+    """CUDA only for a host with an NVIDIA GPU whose driver meets the floor, and only if this airgap packs it."""
+    if not facts.gpus:
+        return EngineChoice("cpu", "the target has no NVIDIA GPU: CPU engine")
+    names = ", ".join(sorted({g.name for g in facts.gpus}))
+    meets = meets_cuda_floor(facts.driver_version)
+    if meets is None:
+        return EngineChoice("cpu", f"the target's NVIDIA driver version is unknown ({names}): CPU engine; the CUDA "
+                                   f"{CUDA_MAJOR} engine needs R{CUDA_DRIVER_FLOOR} or newer")
+    if not meets:
+        return EngineChoice("cpu", f"the target's NVIDIA driver {facts.driver_version} is older than "
+                                   f"R{CUDA_DRIVER_FLOOR}, which the CUDA {CUDA_MAJOR} engine needs: CPU engine")
+    if not cuda_packed:
+        return EngineChoice("cpu", f"the target's {names} with driver {facts.driver_version} could run the CUDA "
+                                   f"{CUDA_MAJOR} engine, but this airgap packs the CPU engine only: sized for CPU")
+    return EngineChoice("cuda", f"the target's {names} with driver {facts.driver_version} runs the CUDA "
+                                f"{CUDA_MAJOR} engine")
+
+
+def target_record(facts: HostFacts, engine: EngineChoice, choices: list[str]) -> dict[str, Any]:
+    """The manifest's `target` field: the host facts, the engine decision, and each fitting choice explained."""
+    return {"host": facts.to_dict(), "engine": engine.to_dict(), "choices": list(choices)}
+
+
+def built_for(target: Mapping[str, Any] | None) -> HostFacts | None:
+    """The host facts a manifest's `target` records; None for bundles built without --target."""
+    if target is None:
+        return None
+    if not isinstance(target, Mapping):
+        raise ProbeError("the bundle's target record must be a JSON object")
+    return parse_probe(target.get("host"), "the bundle's target record")
+
+
+def differences(built: HostFacts, here: HostFacts) -> list[str]:
+    """How this host falls short of, or differs from, the one the bundle was built for; [] when it matches."""
+    found: list[str] = []
+    if built.machine != here.machine:
+        found.append(f"CPU architecture {here.machine} here, {built.machine} there")
+    if built.x86_64_level != here.x86_64_level and None not in (built.x86_64_level, here.x86_64_level):
+        found.append(f"CPU level x86-64-v{here.x86_64_level} here, x86-64-v{built.x86_64_level} there")
+    if built.python_minor != here.python_minor or built.implementation != here.implementation:
+        found.append(f"Python {here.implementation} {here.python_minor} here, "
+                     f"{built.implementation} {built.python_minor} there")
+    if built.glibc != here.glibc or built.musl != here.musl:
+        found.append(f"C library {_libc(here)} here, {_libc(built)} there")
+    if here.ram_total < built.ram_total * _SAME_MEMORY:
+        found.append(f"{_gb(here.ram_total)} RAM here, {_gb(built.ram_total)} there")
+    built_gpus, here_gpus = sorted(g.name for g in built.gpus), sorted(g.name for g in here.gpus)
+    if built_gpus != here_gpus:
+        found.append(f"GPUs {', '.join(here_gpus) or 'none'} here, {', '.join(built_gpus) or 'none'} there")
+    built_vram, here_vram = _vram(built), _vram(here)
+    if here_vram < built_vram * _SAME_MEMORY:
+        found.append(f"{_gb(here_vram)} GPU memory here, {_gb(built_vram)} there")
+    if meets_cuda_floor(built.driver_version) and not meets_cuda_floor(here.driver_version):
+        found.append(f"NVIDIA driver {here.driver_version or 'none'} here, {built.driver_version} there")
+    return found
+
+
+def _vram(facts: HostFacts) -> int:
+    return sum(g.memory_total or 0 for g in facts.gpus)
+
+
+def _libc(facts: HostFacts) -> str:
+    if facts.glibc:
+        return f"glibc {facts.glibc}"
+    return f"musl {facts.musl}" if facts.musl else "unknown"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def host_check(target: Mapping[str, Any] | None, here: HostFacts) -> dict[str, Any]:
+    """What `plan` adds about the host: the driver against the CUDA floor, and one warning line when this host
+    differs from the one the bundle was built for (a malformed record is itself the warning, never an error)."""
+    report: dict[str, Any] = {"driver": driver_report(here), "built_for": None, "differences": [], "warning": None}
+    try:
+        built = built_for(target)
+    except ProbeError as exc:
+        report["warning"] = f"warning: cannot compare with the host this bundle was built for: {exc.message}"
+        return report
+    if built is None:
+        return report
+    found = differences(built, here)
+    report["built_for"] = built.to_dict()
+    report["differences"] = found
+    if found:
+        report["warning"] = ("warning: this host differs from the one the bundle was built for: " + "; ".join(found)
+                             + "; rebuild with `airgap build --target` on a probe of this host")
+    return report

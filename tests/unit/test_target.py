@@ -1,0 +1,94 @@
+"""The CUDA 13 driver floor, the engine choice for a target, and how plan compares a host with the built-for one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from airgap.host import GpuFacts, HostFacts, probe_facts
+from airgap.target import (
+    CUDA_DRIVER_FLOOR,
+    choose_engine,
+    differences,
+    driver_branch,
+    driver_report,
+    host_check,
+    meets_cuda_floor,
+    target_record,
+)
+
+H100 = GpuFacts(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-1", bus_id=None, memory_total=81559 << 20,
+                memory_free=81003 << 20, compute_capability="9.0")
+
+
+@pytest.fixture(scope="module")
+def here(tmp_path_factory: pytest.TempPathFactory) -> HostFacts:
+    return probe_facts(tmp_path_factory.mktemp("p"), nvidia_smi=None)
+
+
+def test_the_cuda_13_floor_is_r580() -> None:
+    assert CUDA_DRIVER_FLOOR == 580
+    assert driver_branch("580.65.06") == 580 and driver_branch("garbage") is None
+    assert meets_cuda_floor("580.65.06") is True
+    assert meets_cuda_floor("590.44.01") is True
+    assert meets_cuda_floor("575.57.08") is False
+    assert meets_cuda_floor("550.54.15") is False
+    assert meets_cuda_floor(None) is None
+
+
+def test_engine_choice_names_why_in_one_line(here: HostFacts) -> None:
+    gpu_new = dataclasses.replace(here, gpus=(H100,), driver_version="580.65.06")
+    gpu_old = dataclasses.replace(gpu_new, driver_version="550.54.15")
+    assert choose_engine(gpu_new, cuda_packed=True).engine == "cuda"
+    old = choose_engine(gpu_old, cuda_packed=True)
+    assert old.engine == "cpu"
+    assert old.reason == ("the target's NVIDIA driver 550.54.15 is older than R580, which the CUDA 13 engine needs: "
+                          "CPU engine")
+    assert choose_engine(dataclasses.replace(here, gpus=()), cuda_packed=True).reason == (
+        "the target has no NVIDIA GPU: CPU engine")
+    unpacked = choose_engine(gpu_new, cuda_packed=False)
+    assert unpacked.engine == "cpu" and "packs the CPU engine only" in unpacked.reason
+    record = target_record(gpu_old, old, ["a choice"])
+    assert record["engine"] == {"engine": "cpu", "reason": old.reason} and record["choices"] == ["a choice"]
+
+
+def test_driver_report_for_plan(here: HostFacts) -> None:
+    old = driver_report(dataclasses.replace(here, gpus=(H100,), driver_version="550.54.15"))
+    assert old["meets_floor"] is False and old["summary"] == (
+        "NVIDIA driver 550.54.15 is older than R580, which the CUDA 13 engine needs: the CPU engine serves")
+    new = driver_report(dataclasses.replace(here, gpus=(H100,), driver_version="580.65.06"))
+    assert new["meets_floor"] is True and new["floor"] == 580
+
+
+def test_differences_name_each_way_this_host_falls_short(here: HostFacts) -> None:
+    built = dataclasses.replace(here, gpus=(H100,), driver_version="580.65.06", ram_total=128 * 10**9,
+                                x86_64_level=4, glibc="2.36", python_version="3.12.3")
+    smaller = dataclasses.replace(here, gpus=(), driver_version=None, ram_total=16 * 10**9, x86_64_level=3,
+                                  glibc="2.31", python_version="3.11.7")
+    assert differences(built, built) == []
+    assert differences(built, smaller) == [
+        "CPU level x86-64-v3 here, x86-64-v4 there",
+        f"Python {here.implementation} 3.11 here, {here.implementation} 3.12 there",
+        "C library glibc 2.31 here, glibc 2.36 there",
+        "16.0 GB RAM here, 128.0 GB there",
+        "GPUs none here, NVIDIA H100 80GB HBM3 there",
+        "0.0 GB GPU memory here, 85.5 GB there",
+        "NVIDIA driver none here, 580.65.06 there",
+    ]
+    # a little less MemTotal (another kernel's reservations) is the same host
+    assert differences(built, dataclasses.replace(built, ram_total=int(built.ram_total * 0.99))) == []
+
+
+def test_host_check_warns_in_one_line_and_survives_a_malformed_record(here: HostFacts, tmp_path: Path) -> None:
+    built = dataclasses.replace(here, ram_total=here.ram_total * 4)
+    check = host_check({"host": built.to_dict()}, here)
+    assert check["warning"].startswith("warning: this host differs from the one the bundle was built for: ")
+    assert "\n" not in check["warning"] and check["differences"] and check["built_for"] == built.to_dict()
+    assert host_check({"host": here.to_dict()}, here)["warning"] is None
+    assert host_check(None, here) == {"driver": driver_report(here), "built_for": None, "differences": [],
+                                      "warning": None}
+    broken = host_check({"host": {"_type": "airgap/probe", "probe_format": 1}}, here)
+    assert broken["warning"] == ("warning: cannot compare with the host this bundle was built for: the bundle's "
+                                 "target record: python must be a JSON object, found NoneType")
