@@ -7,7 +7,7 @@ the same weights neither copies nor rewrites them. The active version is the sym
 An install goes through recorded steps: staged, stored, built (all undone by the next run if it
 crashed), then `ready` (state.json records the complete new version), switched (one symlink swap),
 committed (state.json names the new version active). From `ready` on, the next run finishes the
-install instead of undoing it. `reached(step)` is called after each one; crash tests kill there.
+install instead of undoing it. A `reached` hook is told each one; crash tests kill there.
 """
 
 from __future__ import annotations
@@ -110,8 +110,11 @@ class InstallReport:
     signers: tuple[str, ...] = ()  # key ids whose signatures were verified and counted
 
 
-def reached(step: str) -> None:
-    """A durable install step is done. Crash tests replace this to kill the installer right here."""
+StepHook = Callable[[str], object]  # told each durable step as it is done (crash tests kill the process there)
+
+
+def _no_hook(step: str) -> None:
+    """The default: nobody listens to the steps."""
 
 
 @contextlib.contextmanager
@@ -223,9 +226,11 @@ def _private_umask() -> Iterator[None]:
 
 def install_bundle(
     path: Path, prefix: Path, trust: TrustPolicy | None = None, overrides: Overrides = NO_OVERRIDES,
-    clock: datetime | None = None, progress: bool = True,
+    clock: datetime | None = None, progress: bool = True, *, reached: StepHook = _no_hook,
 ) -> InstallReport:
-    """Install a full bundle or an update drop; `trust` None means the root pinned under `prefix`."""
+    """Install a full bundle or an update drop; `trust` None means the root pinned under `prefix`.
+
+    `reached` is called with each durable step's name (staged, stored, built, ready, switched, committed)."""
     prefix = check_prefix(prefix)
     with _private_umask(), prefix_lock(prefix):
         state = recover(prefix, load_state(prefix))
@@ -278,13 +283,13 @@ def install_bundle(
                 raise
             repairs = tuple(str(r) for r in stream.repaired)
         previous = state.active
-        _finish(prefix, state)
+        _finish(prefix, state, reached)
         remove_tree(prefix / "staging")
     return InstallReport(generation, previous, written, manifest.total_size - written, repairs=repairs,
                          signers=auth.signers)
 
 
-def _finish(prefix: Path, state: State) -> State:
+def _finish(prefix: Path, state: State, reached: StepHook = _no_hook) -> State:
     """Switch to the ready version (one symlink swap), then record it as active."""
     assert state.pending is not None
     swap_symlink(prefix / "current", f"versions/{state.pending.id}")

@@ -454,9 +454,8 @@ step = sys.argv[3]
 def reached(name):
     if name == step:
         os.kill(os.getpid(), signal.SIGKILL)
-installer.reached = reached
 installer.install_bundle(Path(sys.argv[1]), Path(sys.argv[2]), None, clock=datetime.fromisoformat(sys.argv[4]),
-                         progress=False)
+                         progress=False, reached=reached)
 """
 
 
