@@ -30,6 +30,7 @@ from airgap.errors import FormatError, ServeError
 from airgap.format.manifest import Manifest, parse_manifest
 from airgap.host import HostInfo, probe_host
 from airgap.plan import NO_OVERRIDES, ModelShape, Overrides, Plan, make_plan
+from airgap.prefix.paths import Prefix
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -102,7 +103,7 @@ class Installation:
 
 def read_installation(prefix: Path) -> Installation:
     """The active version of `prefix`; ServeError when nothing is installed there."""
-    current = prefix / "current"
+    current = Prefix(prefix).current
     try:
         root = current.resolve(strict=True)
         data = (root / "manifest.json").read_bytes()
@@ -410,7 +411,7 @@ def render_service(
         raise ServeError(f"a service listening on {host} needs an API key file (--api-key-file) for LoadCredential")
     if api_key_file is not None and not api_key_file.is_absolute():
         raise ServeError(f"the API key file must be an absolute path, found {api_key_file}")
-    args = [str(prefix / "current" / "venv" / "bin" / "airgap"), "serve", "--prefix", str(prefix),
+    args = [str(Prefix(prefix).active_venv / "bin" / "airgap"), "serve", "--prefix", str(prefix),
             "--host", host, "--port", str(port)]
     if model is not None:
         args += ["--model", model]

@@ -27,9 +27,9 @@ from typing import Any
 
 from airgap.errors import AirgapError
 from airgap.format.manifest import format_time
+from airgap.prefix.paths import Prefix
 from airgap.streams.atomic import fsync_dir
 
-AUDIT_FILE = "audit.jsonl"
 AUDIT_FORMAT = 1
 OUTCOMES = ("ok", "refused", "failed", "interrupted")
 _FIELDS = ("format", "seq", "prev", "time", "time_floor", "operator", "command", "bundle", "signers", "overrides",
@@ -99,7 +99,7 @@ class Stamp:
 
 
 def audit_path(prefix: Path) -> Path:
-    return prefix / AUDIT_FILE
+    return Prefix(prefix).audit_file
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:

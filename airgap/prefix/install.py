@@ -36,6 +36,7 @@ from airgap.errors import (
 )
 from airgap.format.layout import check_layout
 from airgap.format.manifest import FileEntry, Manifest, format_time, parse_manifest
+from airgap.prefix.paths import Prefix
 from airgap.prefix.state import (
     STEP_READY,
     Generation,
@@ -82,7 +83,6 @@ from airgap.volumes import open_bundle as open_volumes
 VENV_EXPANSION = 4  # installed wheels (with their bytecode) take about this many times their compressed size
 VENV_BASE_BYTES = 1 << 20  # a fresh virtualenv without pip: pyvenv.cfg, links and folders, with room to spare
 # the names airgap makes directly under a prefix; none may be a symlink or writable by others
-PREFIX_NAMES = ("state.json", ".lock", "staging", "store", "store/sha256", "versions", "trust")
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def trust_init(prefix: Path, data: bytes, clock: datetime | None = None, force: 
 # ---------------------------------------------------------------- install
 
 def store_path(prefix: Path, sha256: str) -> Path:
-    return prefix / "store" / "sha256" / sha256
+    return Prefix(prefix).blob(sha256)
 
 
 def generation_id(manifest: Manifest, manifest_sha256: str) -> str:
@@ -210,7 +210,7 @@ def generation_id(manifest: Manifest, manifest_sha256: str) -> str:
 def check_prefix(prefix: Path) -> Path:
     """The absolute prefix, once it is safe to install into (see fsio.check_private_path)."""
     prefix = prefix.absolute()
-    check_private_path(prefix, PREFIX_NAMES, os.geteuid())
+    check_private_path(prefix, Prefix.PRIVATE_NAMES, os.geteuid())
     return prefix
 
 
@@ -256,7 +256,7 @@ def install_bundle(
             check_base(manifest, state.installed_bases())
             _check_store(prefix, manifest)
             _check_space(prefix, manifest)
-            staging = prefix / "staging" / gen_id
+            staging = Prefix(prefix).staging_for(gen_id)
             try:
                 written, auth = _stage(tar, head, lambda inner: TrustGate(head, anchor, now, overrides, inner),
                                        prefix, staging, progress)
@@ -284,7 +284,7 @@ def install_bundle(
             repairs = tuple(str(r) for r in stream.repaired)
         previous = state.active
         _finish(prefix, state, reached)
-        remove_tree(prefix / "staging")
+        remove_tree(Prefix(prefix).staging)
     return InstallReport(generation, previous, written, manifest.total_size - written, repairs=repairs,
                          signers=auth.signers)
 
@@ -292,7 +292,7 @@ def install_bundle(
 def _finish(prefix: Path, state: State, reached: StepHook = _no_hook) -> State:
     """Switch to the ready version (one symlink swap), then record it as active."""
     assert state.pending is not None
-    swap_symlink(prefix / "current", f"versions/{state.pending.id}")
+    swap_symlink(Prefix(prefix).current, Prefix.current_target(state.pending.id))
     reached("switched")
     state = state.committed()
     save_state(prefix, state)
@@ -319,7 +319,7 @@ def _free_bytes(path: Path) -> int | None:
 def _reactivate(prefix: Path, state: State, generation: Generation) -> InstallReport:
     if state.active != generation.id:
         save_state(prefix, replace(state, active=generation.id, history=(*state.history, generation.id)))
-        swap_symlink(prefix / "current", f"versions/{generation.id}")
+        swap_symlink(Prefix(prefix).current, Prefix.current_target(generation.id))
     return InstallReport(generation, state.active, 0, 0, already_installed=True)
 
 
@@ -386,7 +386,7 @@ def _stage(tar: object, head: Head, gate_for: Callable[[SinkFactory], TrustGate]
 
 def _store(prefix: Path, staging: Path) -> None:
     """Verified: move staged files into the content-addressed store (a blob already there is the same)."""
-    store = prefix / "store" / "sha256"
+    store = Prefix(prefix).store
     store.mkdir(mode=0o755, parents=True, exist_ok=True)
     for staged in staging.iterdir():
         staged.chmod(0o444)
@@ -400,8 +400,8 @@ def _assemble(
     """Build the new version beside the active one, from the store. Nothing is written through a link:
     model and meta files become links to their blobs, manifest.json is a new file of its own, and the
     venv (a new folder) is filled by the wheel installer alone."""
-    store = prefix / "store" / "sha256"
-    versions = prefix / "versions"
+    store = Prefix(prefix).store
+    versions = Prefix(prefix).versions
     versions.mkdir(mode=0o755, exist_ok=True)
     gen_dir = versions / gen_id
     remove_tree(gen_dir)
@@ -440,8 +440,8 @@ def _link(link: Path, target: Path) -> None:
 
 def _discard(prefix: Path, gen_id: str) -> None:
     """Undo an install that failed before it was committed: the host is as it was before."""
-    remove_tree(prefix / "staging")
-    remove_tree(prefix / "versions" / gen_id)
+    remove_tree(Prefix(prefix).staging)
+    remove_tree(Prefix(prefix).version(gen_id))
     state = load_state(prefix)
     remove_roots_above(prefix, state.trusted_root)
     if state.pending is not None and state.pending.id == gen_id:
@@ -454,12 +454,12 @@ def recover(prefix: Path, state: State) -> State:
     pending = state.pending
     if pending is not None:
         complete = pending.step == STEP_READY and pending.generation is not None and (
-            prefix / "versions" / pending.id).is_dir()
+            Prefix(prefix).version(pending.id)).is_dir()
         state = state.committed() if complete else replace(state, pending=None)
         save_state(prefix, state)
-    remove_tree(prefix / "staging")  # a symlink there is removed as a name, never staged through
+    remove_tree(Prefix(prefix).staging)  # a symlink there is removed as a name, never staged through
     known = {g.id for g in state.generations}
-    versions = prefix / "versions"
+    versions = Prefix(prefix).versions
     if versions.is_dir() and not versions.is_symlink():
         for leftover in versions.iterdir():
             if leftover.name not in known:
@@ -470,12 +470,12 @@ def recover(prefix: Path, state: State) -> State:
 
 
 def _point_current(prefix: Path, active: str | None) -> None:
-    link = prefix / "current"
+    link = Prefix(prefix).current
     if active is None:
         if link.is_symlink():
             link.unlink()
         return
-    target = f"versions/{active}"
+    target = Prefix.current_target(active)
     if not link.is_symlink() or os.readlink(link) != target:
         swap_symlink(link, target)
 
@@ -492,7 +492,7 @@ def rollback(prefix: Path, to_version: str | None = None) -> tuple[Generation, G
             raise InstallError(f"nothing is installed under {prefix}")
         target = _rollback_target(state, current, to_version)
         save_state(prefix, replace(state, active=target.id, history=(*state.history, target.id)))
-        swap_symlink(prefix / "current", f"versions/{target.id}")
+        swap_symlink(Prefix(prefix).current, Prefix.current_target(target.id))
     return current, target
 
 
@@ -542,7 +542,7 @@ def verify_installed(prefix: Path, progress: bool = True) -> InstalledCheck:
     blobs: dict[str, FileEntry] = {}
     venv_files = 0
     for gen in state.generations:
-        gen_dir = prefix / "versions" / gen.id
+        gen_dir = Prefix(prefix).version(gen.id)
         manifest = _installed_manifest(gen_dir, gen.manifest_sha256, problems)
         if manifest is None:
             continue

@@ -22,6 +22,7 @@ from typing import Any
 
 from airgap.errors import InstallError
 from airgap.format.manifest import BaseRef, format_time, parse_time
+from airgap.prefix.paths import Prefix
 from airgap.streams.atomic import fsync_dir, write_atomic
 from airgap.trust.acceptance import Acceptance
 
@@ -147,7 +148,7 @@ def _acceptance(record: dict[str, str]) -> Acceptance:
 
 
 def state_path(prefix: Path) -> Path:
-    return prefix / "state.json"
+    return Prefix(prefix).state_file
 
 
 def load_state(prefix: Path) -> State:
@@ -200,7 +201,7 @@ def save_state(prefix: Path, state: State) -> None:
 
 
 def root_path(prefix: Path, version: int) -> Path:
-    return prefix / "trust" / f"root.{version}.json"
+    return Prefix(prefix).root_file(version)
 
 
 def write_root(prefix: Path, version: int, data: bytes) -> None:
@@ -219,7 +220,7 @@ def read_root(prefix: Path, version: int) -> bytes:
 
 def remove_roots_above(prefix: Path, version: int | None) -> None:
     """Drop root files an interrupted install wrote but never committed."""
-    folder = prefix / "trust"
+    folder = Prefix(prefix).trust
     if not folder.is_dir():
         return
     for path in folder.glob("root.*.json"):
@@ -264,7 +265,7 @@ def prefix_lock(prefix: Path) -> Iterator[None]:
     """One writer per prefix at a time; a second install waits for none and is refused at once."""
     prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
-        fd = os.open(prefix / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(Prefix(prefix).lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise InstallError(f"cannot open the lock file {prefix / '.lock'}: {exc.strerror}") from exc
     with os.fdopen(fd, "r+b") as handle:

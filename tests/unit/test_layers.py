@@ -32,7 +32,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "host": {"probe"},
     "target": {"host"},
     "plan": {"host"},
-    "serve": {"format", "host", "plan", "templates"},
+    "serve": {"format", "prefix", "host", "plan", "templates"},
     "build": {"format", "trust", "streams", "bundle", "progress", "host", "plan", "target"},
     "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "probe", "host", "target", "plan", "serve",
             "build", "progress", "templates"},
