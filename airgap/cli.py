@@ -189,7 +189,8 @@ def audited(command: str, required: bool = True) -> Callable[[F], F]:
             try:
                 done: Done | None = func(**kwargs)
             except AirgapError as exc:
-                note(Event(command, "refused", exc.message, _bundle_ref(bundle), overrides=overrides))
+                if prefix.is_dir():  # refused before any prefix existed (a dangling link, say): no trail to keep
+                    note(Event(command, "refused", exc.message, _bundle_ref(bundle), overrides=overrides))
                 raise
             except KeyboardInterrupt:
                 note(Event(command, "interrupted", "interrupted by the operator", _bundle_ref(bundle),

@@ -136,10 +136,13 @@ def make_record(event: Event, stamp: Stamp, seq: int, prev: str | None, note: st
 def _locked(prefix: Path, create: bool) -> Iterator[int]:
     path = audit_path(prefix)
     if create:
-        prefix.mkdir(parents=True, exist_ok=True)
+        try:
+            prefix.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AuditError(f"cannot create {prefix} for the audit trail: {exc.strerror or exc}") from exc
     existed = path.exists()
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:  # never through a link planted in the prefix: root would append to whatever it points at
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
     except OSError as exc:
         raise AuditError(f"cannot open the audit trail {path} for appending: {exc.strerror}") from exc
     try:

@@ -154,3 +154,15 @@ def test_concurrent_appends_stay_one_chain(tmp_path: Path) -> None:
     assert verify_chain(tmp_path).records == 100
     by_writer = [r["details"]["writer"] for r in read_records(tmp_path)]
     assert sorted(by_writer) == sorted(f"w{n}" for n in range(4) for _ in range(25))
+
+
+def test_a_planted_link_is_never_appended_through(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    audit_path(prefix).symlink_to(victim)
+    with pytest.raises(AuditError, match=r"^cannot open the audit trail .*/audit\.jsonl for appending: "
+                                         r"Too many levels of symbolic links$"):
+        append(prefix, Event("install", "ok", "installed"), STAMP)
+    assert victim.read_bytes() == b"root's file\n"
