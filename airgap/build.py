@@ -14,7 +14,7 @@ import airgap
 from airgap.bundle import prepare_entry, scratch_dir
 from airgap.errors import SpecError
 from airgap.hashing import digest_file
-from airgap.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
+from airgap.manifest import FileEntry, Manifest, ModelEntry, PythonPackage, check_gguf
 from airgap.progress import byte_progress
 from airgap.roots import Root
 from airgap.sources.selfwheel import build_self_wheel, runtime_requirements
@@ -118,7 +118,7 @@ def _collect_models(spec: Spec, options: BuildOptions) -> tuple[list[ModelEntry]
             paths.append(path)
         gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
         metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
-        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=metadata))
+        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=check_gguf(model.id, metadata)))
     return models, files
 
 

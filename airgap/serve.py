@@ -60,7 +60,7 @@ PASSED_ENV = (
     "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "JOURNAL_STREAM",
 )
 _GPU_BACKENDS = ("cuda", "hip", "vulkan", "sycl", "metal")
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf\Z")
 
 
 # --- the installed layout -------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def start_server(launch: Launch, stdout: IO[bytes] | int | None = None,
 
 # --- the systemd unit ----------------------------------------------------------------------------------
 
-_UNIT_SAFE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+_UNIT_SAFE = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 
 
 def render_service(
@@ -428,7 +428,7 @@ def render_service(
 def systemd_quote(arg: str) -> str:
     """One ExecStart argument, quoted for systemd (which also expands % specifiers and $ variables)."""
     escaped = arg.replace("%", "%%").replace("$", "$$")
-    if _UNIT_SAFE.match(arg):
+    if _UNIT_SAFE.fullmatch(arg):
         return escaped
     if any(ord(c) < 32 for c in arg):
         raise ServeError(f"cannot put a control character in a systemd unit, found {arg!r}")
@@ -436,7 +436,7 @@ def systemd_quote(arg: str) -> str:
 
 
 def _unit_value(value: str) -> str:
-    if not _UNIT_SAFE.match(value):
+    if not _UNIT_SAFE.fullmatch(value):
         raise ServeError(f"path {value!r} needs quoting a systemd directive does not allow; choose a plain path")
     return value.replace("%", "%%")
 

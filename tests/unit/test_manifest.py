@@ -15,7 +15,7 @@ NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 def sample(**changes: object) -> Manifest:
     files = (
         FileEntry("models/tiny/tiny.gguf", 10, "a" * 64, "model", "raw", 10, {"type": "local"}),
-        FileEntry("wheels/x-1.0-py3-none-any.whl", 20, "b" * 64, "wheel", "zstd", 15),
+        FileEntry("wheels/x-1.0-py3-none-any.whl", 20, "b" * 64, "wheel", "zstd", 15, stored_sha256="c" * 64),
     )
     manifest = Manifest(name="tiny-chat", version="1.0.0", created=NOW, expires=NOW + timedelta(days=1),
                         tool_version="0.1.0", files=files,
@@ -62,8 +62,8 @@ def test_wrong_type_refused() -> None:
 
 
 def test_future_format_refused() -> None:
-    with pytest.raises(FormatError, match="reads format 1, found 2"):
-        parse_manifest(mutate("format", 2))
+    with pytest.raises(FormatError, match="reads format 1 or 2, found 3"):
+        parse_manifest(mutate("format", 3))
 
 
 def test_size_limit_enforced_before_parsing() -> None:
