@@ -26,7 +26,7 @@ from pathlib import Path
 from airgap.bundle import FileSink, Head, Sink, read_head, read_payload
 from airgap.errors import AirgapError, InstallError, PolicyError, TrustError
 from airgap.fsio import fsync_dir
-from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate
+from airgap.gate import Anchor, Authenticated, SinkFactory, TrustGate, check_before_parsing
 from airgap.manifest import FileEntry, Manifest, format_time
 from airgap.policy import (
     NO_OVERRIDES,
@@ -121,7 +121,7 @@ def verify_bundle(
     carried file's size and SHA-256, reading the bundle once."""
     now = clock or datetime.now(UTC)
     with open_bundle(path) as stream:
-        head, tar = read_head(stream)
+        head, tar = read_head(stream, authenticate=check_before_parsing(trust))
         manifest = head.manifest
         gate = TrustGate(head, trust, now, overrides)
         stored = sum(e.stored_size for e in manifest.carried_files)
@@ -181,7 +181,7 @@ def install_bundle(
         state = recover(prefix, load_state(prefix))
         anchor: Anchor = trust if trust is not None else pinned_root(prefix, state)
         with open_bundle(path) as stream:
-            head, tar = read_head(stream)
+            head, tar = read_head(stream, authenticate=check_before_parsing(anchor))
             manifest, manifest_sha = head.manifest, head.manifest_sha256
             clock = clock or datetime.now(UTC)
             now = trusted_now(clock, state.time_floor())

@@ -450,6 +450,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+WEBSOCKET_POLICY_VIOLATION = 1008
+
+
 class Guard:
     """ASGI middleware in front of llama_cpp's app.
 
@@ -457,7 +460,11 @@ class Guard:
     - every other path needs `Authorization: Bearer <key>` when a key is set (compared in constant time;
       llama_cpp's own check uses `==` and leaves /docs and /openapi.json open);
     - request bodies are capped, and a `model` other than the served ids gets OpenAI's 404 instead of
-      llama_cpp's silent fallback to the first model.
+      llama_cpp's silent fallback to the first model;
+    - every scope type is decided here: `lifespan` (the inner app's startup and shutdown, no client)
+      passes, `http` as above, a `websocket` is closed before it is accepted (the server answers 403)
+      with or without a key, since the OpenAI and Mistral APIs use none and a socket that is never
+      opened needs no key check of its own; any other type never reaches the inner app.
     """
 
     def __init__(self, app: App, api_key: str | None, model_ids: Sequence[str],
@@ -468,8 +475,15 @@ class Guard:
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            message = await receive()
+            if message.get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION})
+            return
+        if scope["type"] != "http":
             return
         if scope["path"] == "/health":
             await _respond(send, 200, {"status": "ok"}, head=scope["method"] == "HEAD")
