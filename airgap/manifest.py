@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from packaging.version import InvalidVersion, Version
 
@@ -38,18 +38,18 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 class Limits:
     """Upper bounds on what a bundle may ask of the host, checked before anything is allocated."""
 
-    max_manifest_bytes: int = 16 << 20
+    max_manifest_bytes: int = 4 << 20
     max_signatures_bytes: int = 64 << 10
-    max_files: int = 100_000
+    max_files: int = 10_000
     max_path_length: int = 240
     max_file_size: int = 1 << 40
     max_total_size: int = 4 << 40
     max_signatures: int = 64
     max_root_chain: int = 32
     max_metadata_bytes: int = 1 << 20
-    max_models: int = 1_000
-    max_model_files: int = 10_000
-    max_packages: int = 10_000
+    max_models: int = 256
+    max_model_files: int = 1_000
+    max_packages: int = 5_000
     max_source_fields: int = 16
     max_source_chars: int = 4096
     max_gguf_fields: int = 64
@@ -62,7 +62,8 @@ def check_path(path: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """Accept only plain relative paths: no `..`, no absolute path, no odd characters."""
     if len(path) > limits.max_path_length or not _PATH_RE.fullmatch(path):
         raise FormatError(f"unsafe file path in manifest: expected a plain relative path, found {path!r}")
-    if any(part in (".", "..") for part in path.split("/")):
+    framed = f"/{path}/"
+    if "/./" in framed or "/../" in framed:
         raise FormatError(f"unsafe file path in manifest: {path!r} contains '.' or '..'")
     return path
 
@@ -239,7 +240,7 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS,
     if fmt not in formats:
         readable = " or ".join(str(f) for f in formats)
         raise FormatError(f"unsupported manifest format: this airgap reads format {readable}, found {fmt}")
-    files = tuple(_parse_file(JsonObject(f, "file"), limits, fmt) for f in doc.items("files", limits.max_files))
+    files = tuple(_parse_file(f, limits, fmt) for f in doc.items("files", limits.max_files))
     by_path = _check_unique(files)
     total = sum(f.size for f in files)
     if total > limits.max_total_size:
@@ -281,38 +282,51 @@ def _check_sha256(value: str, what: str) -> str:
     return value
 
 
-def _parse_file(doc: JsonObject, limits: Limits, fmt: int) -> FileEntry:
-    size = doc.num("size")
+_FILE_FIELDS: Mapping[str, type] = {"path": str, "size": int, "sha256": str, "kind": str, "storage": str,
+                                    "stored_size": int, "source": dict}
+
+
+def _parse_file(raw: object, limits: Limits, fmt: int) -> FileEntry:
+    # the manifest's bulk: field types checked inline (type() is, so that True is not an integer),
+    # JsonObject only to word the error
+    get = raw.get if type(raw) is dict else None
+    if get is None or not (type(get("path")) is str and type(get("size")) is int and type(get("sha256")) is str
+                           and type(get("kind")) is str and type(get("storage")) is str
+                           and type(get("stored_size")) is int and type(get("source")) is dict):
+        doc = JsonObject(raw, "file")
+        for key, kind in _FILE_FIELDS.items():
+            doc._get(key, kind, {str: "a string", int: "an integer", dict: "an object"}[kind])
+        raise AssertionError("unreachable: a field failed the fast check but not the slow one")
+    raw = cast(dict[str, Any], raw)
+    size, stored_size, kind, storage = raw["size"], raw["stored_size"], raw["kind"], raw["storage"]
+    if size < 0 or stored_size < 0:
+        raise FormatError(f"invalid file: sizes must not be negative, found {size} and {stored_size}")
     if size > limits.max_file_size:
         raise FormatError(f"file too large: limit {limits.max_file_size} bytes, found {size}")
-    kind = doc.text("kind")
-    storage = doc.text("storage")
     if kind not in FILE_KINDS:
         raise FormatError(f"invalid file kind: expected one of {', '.join(FILE_KINDS)}, found {kind[:80]!r}")
     if storage not in STORAGES:
         raise FormatError(f"invalid storage: expected one of {', '.join(STORAGES)}, found {storage[:80]!r}")
-    path = check_path(doc.text("path"), limits)
-    stored_size = doc.num("stored_size")
+    path = check_path(raw["path"], limits)
     if storage == "raw" and stored_size != size:
         raise FormatError(f"raw file {path!r}: stored_size {stored_size} differs from size {size}")
     if stored_size > limits.max_file_size:
         raise FormatError(f"file {path!r} too large: limit {limits.max_file_size} stored bytes, found {stored_size}")
     stored_sha256 = None
-    if "stored_sha256" in doc.raw or (fmt >= 2 and storage == "zstd"):
+    if "stored_sha256" in raw or (fmt >= 2 and storage == "zstd"):
         if storage != "zstd" or fmt < 2:
             raise FormatError(f"file {path!r}: stored_sha256 belongs to compressed files of format 2, "
                               f"found it on a {storage} file of format {fmt}")
-        stored_sha256 = _check_sha256(doc.text("stored_sha256"), f"stored_sha256 of {path!r}")
-    source = doc.obj("source")
-    if len(source) > limits.max_source_fields or not all(
-            isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= limits.max_source_chars
-            for k, v in source.items()):
+        stored_sha256 = _check_sha256(JsonObject(raw, "file").text("stored_sha256"), f"stored_sha256 of {path!r}")
+    source = raw["source"]
+    if source and (len(source) > limits.max_source_fields or not all(
+            type(k) is str and type(v) is str and len(k) + len(v) <= limits.max_source_chars
+            for k, v in source.items())):
         raise FormatError(f"invalid source of {path!r}: expected at most {limits.max_source_fields} string fields "
                           f"of at most {limits.max_source_chars} characters")
     return FileEntry(
-        path=path, size=size, sha256=_check_sha256(doc.text("sha256"), "sha256"),
-        kind=kind, storage=storage, stored_size=stored_size, source=source,
-        stored_sha256=stored_sha256,
+        path=path, size=size, sha256=_check_sha256(raw["sha256"], "sha256"),
+        kind=kind, storage=storage, stored_size=stored_size, source=source, stored_sha256=stored_sha256,
     )
 
 
