@@ -263,8 +263,8 @@ def _b64(value: object, what: str) -> bytes:
         raise FormatError(f"{what}: expected base64 text, found {type(value).__name__}")
     try:
         decoded = base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise FormatError(f"{what}: bad base64") from None
+    except ValueError as exc:  # binascii.Error, and ValueError for text that is not ASCII (found by fuzzing)
+        raise FormatError(f"{what}: bad base64") from exc
     if base64.b64encode(decoded).decode() != value:
         raise FormatError(f"{what}: non-canonical base64")
     return decoded

@@ -254,7 +254,7 @@ def test_a_signatures_member_of_another_size_is_refused_and_sign_never_writes_ov
 
 def test_signature_lines_out_of_order_or_padding_changed_are_refused(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
-    data, policy = signed_bundle(tmp_path)
+    data, _ = signed_bundle(tmp_path)
     head, _ = read_head(io.BytesIO(data))
     both = sorted([*head.signatures, sign(head.manifest_bytes, key)], key=lambda s: s.keyid)
     block = encode_signatures(both)
