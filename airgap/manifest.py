@@ -217,7 +217,7 @@ def _file_to_dict(entry: FileEntry) -> dict[str, Any]:
         "path": entry.path, "size": entry.size, "sha256": entry.sha256, "kind": entry.kind,
         "storage": entry.storage, "stored_size": entry.stored_size, "source": dict(entry.source),
     }
-    if entry.stored_sha256 is not None:
+    if entry.storage == "zstd" and entry.stored_sha256 is not None:  # an entry made absent keeps no stored hash
         doc["stored_sha256"] = entry.stored_sha256
     return doc
 
