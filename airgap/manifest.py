@@ -39,7 +39,6 @@ class Limits:
     """Upper bounds on what a bundle may ask of the host, checked before anything is allocated."""
 
     max_manifest_bytes: int = 4 << 20
-    max_signatures_bytes: int = 64 << 10
     max_files: int = 10_000
     max_path_length: int = 240
     max_file_size: int = 1 << 40
