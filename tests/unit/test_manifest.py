@@ -236,9 +236,12 @@ def test_stored_sha256_is_required_for_compressed_files_of_format_2_only() -> No
     zstd = manifest.files[1]
     with pytest.raises(FormatError, match="field 'stored_sha256' must be a string"):
         parse_manifest(sample(files=(manifest.files[0], replace(zstd, stored_sha256=None))).to_bytes())
-    raw_entry = replace(manifest.files[0], stored_sha256="c" * 64)
+    raw = json.loads(manifest.to_bytes())
+    raw["files"][0]["stored_sha256"] = "c" * 64  # on a raw file
     with pytest.raises(FormatError, match="stored_sha256 belongs to compressed files of format 2"):
-        parse_manifest(sample(files=(raw_entry, zstd)).to_bytes())
+        parse_manifest(json.dumps(raw).encode())
+    absent = replace(zstd, storage="absent", stored_size=0)  # made absent by a drop: the writer drops the hash
+    assert "stored_sha256" not in json.loads(sample(files=(manifest.files[0], absent)).to_bytes())["files"][1]
     old = sample(files=(manifest.files[0], replace(zstd, stored_sha256=None)), format_version=1)
     assert parse_manifest(old.to_bytes()).format_version == 1  # installed format-1 manifests stay readable
     with pytest.raises(FormatError, match="reads format 2, found 1"):
