@@ -161,7 +161,7 @@ class _TarStream:
 
     def _read_pax(self, size: int, consumed: list[bytes]) -> dict[str, str]:
         """The writer's pax records: `path` (a long name) and/or `size` (8 GiB and more), in that order."""
-        if size > _MAX_PAX_BYTES:
+        if not 0 <= size <= _MAX_PAX_BYTES:  # tar's base-256 numbers can be negative
             raise FormatError(f"pax header too large: limit {_MAX_PAX_BYTES} bytes, found {size}")
         block = self.read_exact(size + _padding(size), "a pax header")
         consumed.append(block)

@@ -409,3 +409,14 @@ def test_every_byte_of_the_head_in_every_form_is_refused(tmp_path: Path) -> None
                 if value != data[offset] and not refused(data[:offset] + bytes([value]) + data[offset + 1:], policy):
                     accepted.append((offset, value))
         assert accepted == []
+
+
+def test_a_pax_header_with_a_negative_base_256_size_is_refused_without_reading_on(tmp_path: Path) -> None:
+    data, policy = long_name_bundle(tmp_path)
+    at = data.index(b"././@PaxHeader")
+    header = bytearray(data[at:at + 512])
+    header[124:136] = b"\xff" * 12  # base-256: -1
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(FormatError, match="pax header too large: limit 512 bytes, found -1"):
+        full_check(data[:at] + bytes(header) + data[at + 512:], policy)
