@@ -34,9 +34,10 @@ def assert_refused(result: Result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.fixture
-def installed(built: Built, tmp_path: Path) -> Path:
-    prefix = tmp_path / "prefix"
+@pytest.fixture(scope="module")
+def installed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One installation for the module: every test here checks that a refusal leaves it as it was."""
+    prefix = tmp_path_factory.mktemp("installed") / "prefix"
     result = airgap("install", built.bundle, "--trust", built.keys.public, "--prefix", prefix, "-q")
     assert result.code == 0, result.stderr
     return prefix
@@ -173,3 +174,20 @@ def test_a_root_with_a_duplicate_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "root.json"
     path.write_bytes(sign_envelope(Envelope(ROOT_PAYLOAD_TYPE, payload), private).to_bytes())
     assert_refused(airgap("trust", "init", path, "--prefix", tmp_path / "prefix"), "key 'format' appears twice")
+
+
+def test_build_refuses_a_gguf_with_absurd_counts(tmp_path: Path, built: Built, wheelhouse: Path) -> None:
+    import gguf
+
+    model = tmp_path / "absurd.gguf"
+    writer = gguf.GGUFWriter(str(model), "llama")
+    writer.add_uint64("llama.block_count", 2**63)
+    writer.add_embedding_length(64)
+    writer.add_context_length(512)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    spec = write_spec(tmp_path, model=model, wheelhouse=wheelhouse)
+    assert_refused(airgap("build", spec, "--key", built.keys.private, "-o", tmp_path / "dist"),
+                   "GGUF field 'block_count' must be a count from 0 to 4096, found 9223372036854775808")
