@@ -61,7 +61,7 @@ PASSED_ENV = (
     "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID", "JOURNAL_STREAM",
 )
 _GPU_BACKENDS = ("cuda", "hip", "vulkan", "sycl", "metal")
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf\Z")
 
 
 # --- the installed layout -------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def start_server(launch: Launch, stdout: IO[bytes] | int | None = None,
 
 # --- the systemd unit ----------------------------------------------------------------------------------
 
-_UNIT_SAFE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+_UNIT_SAFE = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 
 
 def render_service(
@@ -436,7 +436,7 @@ def render_service(
 def systemd_quote(arg: str) -> str:
     """One ExecStart argument, quoted for systemd (which also expands % specifiers and $ variables)."""
     escaped = arg.replace("%", "%%").replace("$", "$$")
-    if _UNIT_SAFE.match(arg):
+    if _UNIT_SAFE.fullmatch(arg):
         return escaped
     if any(ord(c) < 32 for c in arg):
         raise ServeError(f"cannot put a control character in a systemd unit, found {arg!r}")
@@ -444,7 +444,7 @@ def systemd_quote(arg: str) -> str:
 
 
 def _unit_value(value: str) -> str:
-    if not _UNIT_SAFE.match(value):
+    if not _UNIT_SAFE.fullmatch(value):
         raise ServeError(f"path {value!r} needs quoting a systemd directive does not allow; choose a plain path")
     return value.replace("%", "%%")
 
@@ -458,6 +458,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+WEBSOCKET_POLICY_VIOLATION = 1008
+
+
 class Guard:
     """ASGI middleware in front of llama_cpp's app.
 
@@ -465,7 +468,11 @@ class Guard:
     - every other path needs `Authorization: Bearer <key>` when a key is set (compared in constant time;
       llama_cpp's own check uses `==` and leaves /docs and /openapi.json open);
     - request bodies are capped, and a `model` other than the served ids gets OpenAI's 404 instead of
-      llama_cpp's silent fallback to the first model.
+      llama_cpp's silent fallback to the first model;
+    - every scope type is decided here: `lifespan` (the inner app's startup and shutdown, no client)
+      passes, `http` as above, a `websocket` is closed before it is accepted (the server answers 403)
+      with or without a key, since the OpenAI and Mistral APIs use none and a socket that is never
+      opened needs no key check of its own; any other type never reaches the inner app.
     """
 
     def __init__(self, app: App, api_key: str | None, model_ids: Sequence[str],
@@ -476,8 +483,15 @@ class Guard:
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            message = await receive()
+            if message.get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION})
+            return
+        if scope["type"] != "http":
             return
         if scope["path"] == "/health":
             await _respond(send, 200, {"status": "ok"}, head=scope["method"] == "HEAD")

@@ -17,7 +17,7 @@ from airgap.build.spec import ModelSpec, Spec
 from airgap.bundle.container import LateFile, prepare_entry, scratch_dir
 from airgap.bundle.drops import PLACEHOLDER_SHA256, load_roots, pack, read_base, root_payload
 from airgap.errors import MissingDependencyError, SpecError
-from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage
+from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage, check_gguf
 from airgap.host import HostFacts
 from airgap.progress import byte_progress
 from airgap.streams.pipeline import digest_file
@@ -169,7 +169,7 @@ def _collect_models(
             paths.append(path)
         gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
         metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
-        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=metadata))
+        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=check_gguf(model.id, metadata)))
     return models, files, licenses
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from airgap.errors import FormatError, SpecError
-from airgap.format.manifest import check_name
+from airgap.format.manifest import check_name, check_version
 
 DEFAULT_EXPIRES_DAYS = 180
 
@@ -61,7 +61,7 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
     bundle = _table(raw, "bundle", path)
     try:
         name = check_name(_str(bundle, "name", path), "bundle name")
-        version = check_name(_str(bundle, "version", path), "bundle version")
+        version = check_version(_str(bundle, "version", path), "bundle version")
     except FormatError as exc:
         raise SpecError(f"{path}: {exc.message}") from exc
     models = tuple(_model(m, base, path) for m in _list(raw, "models", path))

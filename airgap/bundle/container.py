@@ -8,7 +8,9 @@ else: only regular members, only names the signed manifest lists, sizes capped b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import stat
 import tarfile
 import tempfile
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -36,6 +38,8 @@ from airgap.streams.pipeline import (
 )
 from airgap.trust.signing import SIGNATURES_BLOCK_SIZE, Signature, decode_signatures, encode_signatures
 
+Authenticate = Callable[[bytes, Sequence[Signature]], object]  # raises unless the manifest bytes are signed
+
 BLOCK = 512
 MANIFEST_MEMBER = "manifest.json"
 SIGNATURES_MEMBER = "signatures"
@@ -43,8 +47,12 @@ SUMS_MEMBER = "SHA256SUMS"
 ZSTD_LEVEL = 9
 ZSTD_MAX_WINDOW = 1 << 27  # caps the decoder's memory whatever a member's frame header asks for
 COMPRESS_MAX_RATIO = 0.95  # keep the zstd copy only if it saves at least 5 %
-_MAX_PAX_BYTES = 64 << 10
+_MAX_PAX_BYTES = BLOCK  # the writer's pax records (a path of up to 250 bytes, a size) fit in one block
 _PLACEHOLDER_SHA256 = "0" * 64
+CHECK_BEFORE_DECOMPRESS = 16 << 20  # compressed members up to this size are hashed before zstd sees a byte
+_MAX_MTIME = 8**11 - 1
+_PAX_RECORD = re.compile(rb"([1-9][0-9]{0,3}) (path|size)=")
+_PAX_SIZE = re.compile(r"0|[1-9][0-9]{0,19}")
 
 
 class Sink(Protocol):
@@ -81,6 +89,7 @@ class _TarStream:
     def __init__(self, stream: Readable) -> None:
         self.stream = stream
         self.offset = 0
+        self.mtime: int | None = None  # every member's, set by the first header
 
     def read_exact(self, size: int, what: str) -> bytes:
         data = self.stream.read(size)
@@ -100,53 +109,86 @@ class _TarStream:
         return data
 
     def next_member(self) -> tuple[str, int] | None:
-        """Name and size of the next regular member, or None at the end of the archive."""
-        pax: dict[str, str] = {}
-        while True:
-            block = self.read_exact(BLOCK, "a tar header")
-            if block == bytes(BLOCK):
-                self._expect_end()
-                return None
-            try:
-                info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
-            except tarfile.HeaderError as exc:
-                raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: {exc}") from exc
-            if block[154:156] != b"\0 ":  # tar ignores this byte; we accept only the canonical form
-                raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: non-canonical checksum field")
-            if info.type == tarfile.XHDTYPE:
-                pax = self._read_pax(info.size)
-                continue
-            name = pax.get("path", info.name)
-            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-                raise FormatError(
-                    f"member {name!r} is a {_type_name(info.type)}: only regular files are accepted")
-            size = int(pax["size"]) if "size" in pax else info.size
-            return name, size
+        """Name and size of the next regular member, or None at the end of the archive.
 
-    def _read_pax(self, size: int) -> dict[str, str]:
-        if size > _MAX_PAX_BYTES:
+        Only the exact header bytes the writer emits are accepted: the header (and pax header, if any)
+        is parsed, then written again with `member_header` and compared byte for byte. So every
+        numeric field is in its one canonical form, there is at most one pax header of exactly the
+        writer's records, and every member has the first member's mtime.
+        """
+        start = self.offset
+        block = self.read_exact(BLOCK, "a tar header")
+        if block == bytes(BLOCK):
+            self._expect_end()
+            return None
+        consumed = [block]
+        info = self._parse_block(block, start)
+        pax: dict[str, str] = {}
+        if info.type == tarfile.XHDTYPE:
+            pax = self._read_pax(info.size, consumed)
+            block = self.read_exact(BLOCK, "a tar header")
+            consumed.append(block)
+            info = self._parse_block(block, self.offset - BLOCK)
+            if info.type == tarfile.XHDTYPE:
+                raise FormatError(f"bad tar header at offset {self.offset - BLOCK}: a second pax header in a row")
+        name = pax.get("path", info.name)
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise FormatError(
+                f"member {name!r} is a {_type_name(info.type)}: only regular files are accepted")
+        size = int(pax["size"]) if "size" in pax else info.size
+        if self.mtime is None:
+            if not isinstance(info.mtime, int) or not 0 <= info.mtime <= _MAX_MTIME:
+                raise FormatError(f"bad tar header at offset {start}: mtime {info.mtime} out of range")
+            self.mtime = info.mtime
+        found = b"".join(consumed)
+        expected = member_header(name, size, self.mtime) if _plain_name(name) and size >= 0 else b""
+        if found != expected:
+            differs = next((i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b),
+                           min(len(found), len(expected)))
+            raise FormatError(f"non-canonical tar header for member {name[:300]!r} at offset {start}: byte "
+                              f"{differs} differs from the one form airgap writes (docs/FORMAT.md)")
+        return name, size
+
+    @staticmethod
+    def _parse_block(block: bytes, offset: int) -> tarfile.TarInfo:
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "strict")
+        except (tarfile.HeaderError, UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"bad tar header at offset {offset}: {exc}") from exc
+        if block[154:156] != b"\0 ":  # tar ignores this byte; we accept only the canonical form
+            raise FormatError(f"bad tar header at offset {offset}: non-canonical checksum field")
+        return info
+
+    def _read_pax(self, size: int, consumed: list[bytes]) -> dict[str, str]:
+        """The writer's pax records: `path` (a long name) and/or `size` (8 GiB and more), in that order."""
+        if not 0 <= size <= _MAX_PAX_BYTES:  # tar's base-256 numbers can be negative
             raise FormatError(f"pax header too large: limit {_MAX_PAX_BYTES} bytes, found {size}")
-        data = self.read_exact(size + _padding(size), "a pax header")[:size]
+        block = self.read_exact(size + _padding(size), "a pax header")
+        consumed.append(block)
+        data = block[:size]
         records: dict[str, str] = {}
         pos = 0
         while pos < len(data):
-            try:
-                length_text, rest = data[pos:].split(b" ", 1)
-                length = int(length_text)
-                key, value = rest[: length - len(length_text) - 2].decode("utf-8").split("=", 1)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise FormatError(f"malformed pax header at offset {self.offset}") from exc
-            if length <= 0:
+            match = _PAX_RECORD.match(data, pos)
+            length = int(match.group(1)) if match else 0
+            if match is None or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
                 raise FormatError(f"malformed pax header at offset {self.offset}")
+            key = match.group(2).decode()
+            try:
+                value = data[match.end():pos + length - 1].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FormatError(f"malformed pax header at offset {self.offset}") from exc
+            if key in records:
+                raise FormatError(f"malformed pax header at offset {self.offset}: {key!r} given twice")
             records[key] = value
             pos += length
-        if "size" in records and not records["size"].isdigit():
-            raise FormatError(f"pax size is not a number: {records['size']!r}")
+        if "size" in records and not _PAX_SIZE.fullmatch(records["size"]):
+            raise FormatError(f"pax size is not a number: {records['size'][:40]!r}")
         return records
 
     def _expect_end(self) -> None:
-        rest = self.stream.read(20 * BLOCK)
-        if rest.strip(b"\0") or self.stream.read(1):
+        """The writer ends the archive with exactly two zero blocks, then the file ends."""
+        if self.read_exact(BLOCK, "the end of the archive").strip(b"\0") or self.stream.read(1):
             raise FormatError(f"unexpected data after the end of the archive at offset {self.offset}")
 
     def member_chunks(self, size: int, name: str) -> Iterator[bytes]:
@@ -188,10 +230,11 @@ class _PositionalReader:
 class _PositionalTar(_TarStream):
     """The strict tar reader over a regular file, able to step over a member's data without reading it."""
 
-    def __init__(self, reader: _PositionalReader, offset: int) -> None:
+    def __init__(self, reader: _PositionalReader, offset: int, mtime: int | None) -> None:
         super().__init__(reader)
         self.reader = reader
         self.offset = offset
+        self.mtime = mtime
 
     def skip_member(self, size: int, name: str) -> int:
         """Step over a member's data (checking that it is all there); return where the data starts."""
@@ -210,15 +253,27 @@ def _type_name(kind: bytes) -> str:
     return names.get(kind, f"tar member of type {kind!r}")
 
 
-def read_head(stream: Readable, limits: Limits = DEFAULT_LIMITS) -> tuple[Head, _TarStream]:
-    """Read manifest and signatures from the start of a bundle; the stream is left at the payload."""
+def read_head(stream: Readable, limits: Limits = DEFAULT_LIMITS,
+              authenticate: Authenticate | None = None) -> tuple[Head, _TarStream]:
+    """Read manifest and signatures from the start of a bundle; the stream is left at the payload.
+
+    With `authenticate`, the signatures over the raw manifest bytes are checked before the JSON is
+    parsed, so an unsigned manifest costs one hash and a few signature checks, never a parse.
+    """
     tar = _TarStream(stream)
     manifest_bytes = _read_named(tar, MANIFEST_MEMBER, limits.max_manifest_bytes)
-    manifest = parse_manifest(manifest_bytes, limits)
     signatures_offset = tar.offset + BLOCK
-    block = _read_named(tar, SIGNATURES_MEMBER, limits.max_signatures_bytes)
-    head = Head(manifest_bytes, manifest, decode_signatures(block, limits.max_signatures), signatures_offset)
-    return head, tar
+    block = _read_named(tar, SIGNATURES_MEMBER, SIGNATURES_BLOCK_SIZE)
+    if len(block) != SIGNATURES_BLOCK_SIZE:
+        raise FormatError(f"signatures member must be exactly {SIGNATURES_BLOCK_SIZE} bytes, found {len(block)}")
+    signatures = decode_signatures(block, limits.max_signatures)
+    if authenticate is not None:
+        authenticate(manifest_bytes, signatures)
+    manifest = parse_manifest(manifest_bytes, limits)
+    if tar.mtime != int(manifest.created.timestamp()):
+        raise FormatError(f"bundle members are dated {tar.mtime}, expected the manifest's creation time "
+                          f"{int(manifest.created.timestamp())}")
+    return Head(manifest_bytes, manifest, signatures, signatures_offset), tar
 
 
 def _read_named(tar: _TarStream, expected: str, limit: int) -> bytes:
@@ -256,7 +311,7 @@ def read_payload(
     position = _file_position(tar.stream)
     if position is not None:
         fd, start = position
-        walker = _PositionalTar(_PositionalReader(fd, start), tar.offset)
+        walker = _PositionalTar(_PositionalReader(fd, start), tar.offset, tar.mtime)
         _read_payload_positional(walker, manifest, open_sink, progress)
         tar.stream.seek(walker.reader.position)  # type: ignore[attr-defined]  # as if read to the end
         tar.offset = walker.offset
@@ -272,6 +327,11 @@ def _payload_members(tar: _TarStream, manifest: Manifest) -> Iterator[tuple[File
     The caller reads or steps over exactly that many bytes before asking for the next member.
     SHA256SUMS is checked here; the end of the archive is checked last.
     """
+    unsigned = next((e for e in manifest.carried_files if e.storage == "zstd" and e.stored_sha256 is None), None)
+    if unsigned is not None:
+        raise FormatError(f"bundle of manifest format {manifest.format_version} carries the compressed member "
+                          f"{unsigned.path!r} without a signed stored_sha256: rebuild it with this airgap "
+                          f"(format 2)")
     expected = {e.member_name: e for e in manifest.carried_files}
     sums_text = manifest.sha256sums_text()
     seen: set[str] = set()
@@ -398,13 +458,27 @@ def _counting(chunks: Iterable[bytes], progress: Callable[[int], object]) -> Ite
 
 def _verify_member(entry: FileEntry, stored: Iterable[bytes], sink: Sink | None, write_behind: bool = False) -> None:
     chunks = iter(stored)
-    raw = _decompressed(chunks, entry) if entry.storage == "zstd" else _capped(chunks, entry)
+    stored_hash = None
+    if entry.storage == "zstd":
+        if entry.stored_sha256 is None:
+            raise IntegrityError(f"{entry.path}: compressed member without a signed stored_sha256")
+        stored_hash = hashlib.sha256()
+        chunks = _hashing(chunks, stored_hash)
+        if entry.stored_size <= CHECK_BEFORE_DECOMPRESS:  # all of it, checked, before zstd parses a byte
+            held = list(chunks)
+            _check_stored(entry, stored_hash)
+            chunks = iter(held)
+        raw = _decompressed(chunks, entry)
+    else:
+        raw = _capped(chunks, entry)
     writer = WriteBehind(sink.write) if sink is not None and write_behind else None
     ok = False
     try:
         digest = digest_chunks(raw, None if sink is None else sink.write if writer is None else writer.write)
         if writer is not None:
             writer.finish()
+        if stored_hash is not None:  # a big member: hashed in the same read, checked before the sink keeps it
+            _check_stored(entry, stored_hash)
         check_digest(entry, digest)
         ok = True
     finally:
@@ -412,6 +486,19 @@ def _verify_member(entry: FileEntry, stored: Iterable[bytes], sink: Sink | None,
             writer.abandon()
         if sink is not None:
             sink.close(ok)
+
+
+def _hashing(chunks: Iterator[bytes], hasher: Any) -> Iterator[bytes]:
+    for chunk in chunks:
+        hasher.update(chunk)
+        yield chunk
+
+
+def _check_stored(entry: FileEntry, hasher: Any) -> None:
+    found = hasher.hexdigest()
+    if found != entry.stored_sha256:
+        raise IntegrityError(f"{entry.path}: compressed member differs from the signed manifest: stored sha256 "
+                             f"expected {entry.stored_sha256}, found {found}")
 
 
 class FileSink:
@@ -501,18 +588,64 @@ class PayloadFile:
     entry: FileEntry
 
 
-def _member_header(name: str, size: int, mtime: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = mtime
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _ustar_block(name: bytes, mode: int, size: int, mtime: int, kind: bytes) -> bytes:
+    """One ustar header block exactly as the writer emits it (the bytes of Python 3.11's tarfile)."""
+    block = b"".join([
+        name[:100].ljust(100, b"\0"), _octal(mode, 8), _octal(0, 8), _octal(0, 8), _octal(size, 12),
+        _octal(mtime, 12), b" " * 8, kind, bytes(100), b"ustar\x0000", bytes(32 + 32 + 8 + 8 + 155),
+    ]).ljust(BLOCK, b"\0")
+    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def _plain_name(name: str) -> bool:
+    return name.isascii() and 0 < len(name) <= 300 and "\0" not in name
+
+
+def member_header(name: str, size: int, mtime: int) -> bytes:
+    """The header bytes of one member: a ustar block, after a pax header for a long name or a size of
+    8 GiB and more. Written here, not by tarfile, so that the bytes do not change with Python's version;
+    the reader compares every header with this function's output."""
+    if not _plain_name(name) or not 0 <= mtime <= _MAX_MTIME or size < 0:
+        raise ValueError(f"cannot write a tar member {name!r} of {size} bytes at mtime {mtime}")
+    encoded = name.encode("ascii")
+    records = b""
+    if len(encoded) > 100:
+        records += _pax_record("path", name)
+    if size >= 8**11:
+        records += _pax_record("size", str(size))
+    header = _ustar_block(encoded, 0o644, 0 if size >= 8**11 else size, mtime, tarfile.REGTYPE)
+    if not records:
+        return header
+    pax = _ustar_block(b"././@PaxHeader", 0, len(records), 0, tarfile.XHDTYPE)
+    return pax + records + bytes(_padding(len(records))) + header
 
 
 def member_bytes(name: str, data: bytes, mtime: int) -> bytes:
-    return _member_header(name, len(data), mtime) + data + bytes(_padding(len(data)))
+    return member_header(name, len(data), mtime) + data + bytes(_padding(len(data)))
+
+
+class _HashingWriter:
+    """Passes writes on to `target`, hashing them: the SHA-256 of a compressed member, as written."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self.target = target
+        self.hasher = hashlib.sha256()
+
+    def write(self, data: bytes, /) -> int:
+        self.hasher.update(data)
+        return self.target.write(data)
 
 
 def prepare_entry(path: Path, entry: FileEntry, workdir: Path, compress: bool = True) -> PayloadFile:
@@ -524,14 +657,16 @@ def prepare_entry(path: Path, entry: FileEntry, workdir: Path, compress: bool = 
     packed = workdir / f"{len(list(workdir.iterdir()))}.zst"
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
     with path.open("rb") as source, packed.open("wb") as target:
-        with compressor.stream_writer(target, size=size, closefd=False) as writer:
+        hashed = _HashingWriter(target)
+        with compressor.stream_writer(cast(BinaryIO, hashed), size=size, closefd=False) as writer:
             digest = digest_chunks(iter_chunks(source), writer.write)
     stored_size = packed.stat().st_size
     entry = replace(entry, size=digest.size, sha256=digest.sha256)
     if stored_size > COMPRESS_MAX_RATIO * digest.size:
         packed.unlink()
         return PayloadFile(path, replace(entry, storage="raw", stored_size=digest.size))
-    return PayloadFile(packed, replace(entry, storage="zstd", stored_size=stored_size))
+    return PayloadFile(packed, replace(entry, storage="zstd", stored_size=stored_size,
+                                       stored_sha256=hashed.hasher.hexdigest()))
 
 
 @dataclass(frozen=True)
@@ -627,7 +762,7 @@ def _write_head(
 def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int,
                  progress: Callable[[int], object] | None) -> FileEntry:
     entry = item.entry
-    write(_member_header(entry.member_name, entry.stored_size, mtime))
+    write(member_header(entry.member_name, entry.stored_size, mtime))
 
     def sink(chunk: bytes) -> None:
         write(chunk)
@@ -641,9 +776,9 @@ def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int
         else:
             with Prefetch(chunks) as ahead:
                 stored = digest_chunks(ahead, sink)
-    if stored.size != entry.stored_size:
-        raise IntegrityError(f"{item.source_path} changed while packing: expected {entry.stored_size} bytes, "
-                             f"found {stored.size}")
+    if stored.size != entry.stored_size or (entry.storage == "zstd" and stored.sha256 != entry.stored_sha256):
+        raise IntegrityError(f"{item.source_path} changed while packing: expected {entry.stored_size} bytes "
+                             f"(sha256 {entry.stored_sha256}), found {stored.size} (sha256 {stored.sha256})")
     write(bytes(_padding(stored.size)))
     if entry.storage == "raw":
         return replace(entry, sha256=stored.sha256)
@@ -654,23 +789,29 @@ def _pack_late(write: Callable[[bytes], object], late: LateFile, before: Sequenc
     data = late.make(before)
     if len(data) != late.entry.size:
         raise AssertionError(f"{late.entry.path} is {len(data)} bytes, {late.entry.size} were reserved")
-    write(_member_header(late.entry.member_name, len(data), mtime))
+    write(member_header(late.entry.member_name, len(data), mtime))
     write(data)
     write(bytes(_padding(len(data))))
     return replace(late.entry, storage="raw", stored_size=len(data), sha256=digest_bytes(data).sha256)
 
 
 def add_signatures(path: Path, new: Sequence[Signature], limits: Limits = DEFAULT_LIMITS) -> Head:
-    """Add co-signatures in place: the signatures block has a fixed size, so no byte moves."""
+    """Add co-signatures in place: the signatures block has a fixed size, so no byte moves.
+
+    read_head accepts only a signatures member of exactly that size in its canonical form, so the
+    block written here replaces exactly the bytes of the old one and nothing else.
+    """
     with path.open("r+b") as stream:
         head, _ = read_head(stream, limits)
         merged = {s.keyid: s for s in head.signatures} | {s.keyid: s for s in new}
         block = encode_signatures(merged.values())
+        if len(block) != SIGNATURES_BLOCK_SIZE:  # encode_signatures pads to it; never write past the member
+            raise AssertionError(f"signatures block is {len(block)} bytes, the member holds {SIGNATURES_BLOCK_SIZE}")
         stream.seek(head.signatures_offset)
         stream.write(block)
         stream.flush()
         os.fsync(stream.fileno())
-    return replace(head, signatures=tuple(merged.values()))
+    return replace(head, signatures=tuple(sorted(merged.values(), key=lambda s: s.keyid)))
 
 
 def scratch_dir(near: Path) -> tempfile.TemporaryDirectory[str]:

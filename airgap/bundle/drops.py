@@ -118,7 +118,7 @@ def plan_drop(payload: Sequence[PayloadFile], base: Manifest) -> tuple[list[Payl
             digest = digests[id(item)]
             entry = replace(entry, size=digest.size, sha256=digest.sha256)
         if entry.sha256 in have and root_member_version(entry.path) is None:
-            absent.append(replace(entry, storage="absent", stored_size=0))
+            absent.append(replace(entry, storage="absent", stored_size=0, stored_sha256=None))
         else:
             carried.append(item)
     return carried, absent

@@ -11,7 +11,7 @@ or are missing is refused rather than half-trusted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,8 +19,8 @@ from airgap.bundle.container import Head, Sink
 from airgap.errors import FormatError
 from airgap.format.manifest import DEFAULT_LIMITS, FileEntry, Limits
 from airgap.trust.acceptance import Overrides, check_root_fresh
-from airgap.trust.roots import Root, root_member_version, walk_chain
-from airgap.trust.signing import TrustPolicy, key_id, public_key_from_raw
+from airgap.trust.roots import ROOTS_FOLDER, Root, root_member_version, walk_chain
+from airgap.trust.signing import Signature, TrustPolicy, key_id, public_key_from_raw
 
 Anchor = TrustPolicy | Root  # `--trust PUB` (plain keys) or the root pinned on the host
 SinkFactory = Callable[[FileEntry], Sink | None]
@@ -47,6 +47,24 @@ def authenticate(head: Head, anchor: Anchor, roots: Mapping[int, bytes], now: da
     used = check_root_fresh(final.version, final.expires, now, overrides)
     good = final.release_policy.check(head.manifest_bytes, head.signatures)
     return Authenticated(_key_ids(good), new_roots, tuple(used))
+
+
+def check_before_parsing(anchor: Anchor) -> Callable[[bytes, Sequence[Signature]], None]:
+    """For read_head: refuse a manifest that cannot be authentic before its JSON is parsed.
+
+    With `--trust` keys the anchor alone decides. So does a pinned root when the manifest lists no
+    root file (the writer writes `"trust/root.` literally; a manifest that spells it otherwise is
+    refused, which is safe). A manifest that lists root files may be signed by the release keys of a
+    newer root that only the payload carries: it is parsed first (bounded and linear) and the
+    TrustGate decides once those roots are read.
+    """
+    def check(manifest_bytes: bytes, signatures: Sequence[Signature]) -> None:
+        if isinstance(anchor, TrustPolicy):
+            anchor.check(manifest_bytes, signatures)
+        elif f'"{ROOTS_FOLDER}/root.'.encode() not in manifest_bytes:
+            anchor.release_policy.check(manifest_bytes, signatures)
+
+    return check
 
 
 def _key_ids(raw_keys: set[bytes]) -> tuple[str, ...]:

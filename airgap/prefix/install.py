@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from airgap.bundle.container import FileSink, Head, Sink, read_head, read_payload
-from airgap.bundle.gate import Anchor, Authenticated, SinkFactory, TrustGate
+from airgap.bundle.gate import Anchor, Authenticated, SinkFactory, TrustGate, check_before_parsing
 from airgap.errors import (
     AirgapError,
     DiskFullError,
@@ -147,7 +147,7 @@ def verify_bundle(
     carried file's size and SHA-256, reading the bundle once."""
     now = clock or datetime.now(UTC)
     with open_bundle(path) as stream:
-        head, tar = read_head(stream)
+        head, tar = read_head(stream, authenticate=check_before_parsing(trust))
         manifest = head.manifest
         check_layout(manifest)
         check_created(manifest, now, overrides)
@@ -236,7 +236,7 @@ def install_bundle(
         state = recover(prefix, load_state(prefix))
         anchor: Anchor = trust if trust is not None else pinned_root(prefix, state)
         with open_bundle(path) as stream:
-            head, tar = read_head(stream)
+            head, tar = read_head(stream, authenticate=check_before_parsing(anchor))
             manifest, manifest_sha = head.manifest, head.manifest_sha256
             check_layout(manifest)
             clock = clock or datetime.now(UTC)

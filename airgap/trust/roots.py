@@ -26,6 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from airgap.errors import FormatError, KeyFileError, SignatureError, TrustError
+from airgap.format import strictjson
 from airgap.format.manifest import DEFAULT_LIMITS, Limits, format_time, parse_time
 from airgap.trust.signing import (
     Envelope,
@@ -44,7 +45,7 @@ ROOT_FORMAT = 1
 DEFAULT_ROOT_EXPIRES_DAYS = 1095  # roots change rarely and by hand: three years
 ROLE_NAMES = ("root", "release")
 ROOTS_FOLDER = "trust"
-_MEMBER_RE = re.compile(r"^trust/root\.([1-9][0-9]{0,8})\.json$")
+_MEMBER_RE = re.compile(r"trust/root\.([1-9][0-9]{0,8})\.json")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def root_member_path(version: int) -> str:
 
 
 def root_member_version(path: str) -> int | None:
-    match = _MEMBER_RE.match(path)
+    match = _MEMBER_RE.fullmatch(path)
     return int(match.group(1)) if match else None
 
 
@@ -117,10 +118,7 @@ def with_envelope(root: Root, envelope: Envelope) -> Root:
 def parse_root(data: bytes, limits: Limits = DEFAULT_LIMITS, what: str = "root file") -> Root:
     """Parse a root envelope and its payload, strictly; signatures are checked elsewhere."""
     envelope = parse_envelope(data, ROOT_PAYLOAD_TYPE, limits.max_metadata_bytes, limits.max_signatures, what)
-    try:
-        raw = json.loads(envelope.payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{what}: payload is not JSON") from exc
+    raw = strictjson.loads(envelope.payload, f"{what} payload")
     if not isinstance(raw, dict) or raw.get("_type") != ROOT_TYPE:
         found = raw.get("_type") if isinstance(raw, dict) else type(raw).__name__
         raise FormatError(f"{what}: expected _type {ROOT_TYPE!r}, found {found!r}")

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from airgap.errors import FormatError, KeyFileError, SignatureError
+from airgap.format import strictjson
 
 # The key types, named here so that no module outside this package imports cryptography.
 PrivateKey = Ed25519PrivateKey
@@ -31,7 +32,7 @@ PublicKey = Ed25519PublicKey
 
 SIGNATURES_HEADER = "airgap-signatures v1"
 SIGNATURES_BLOCK_SIZE = 8192  # fixed so that `airgap sign` adds a co-signature in place, without a rebuild
-_SIG_LINE_RE = re.compile(r"^ed25519 ([0-9a-f]{64}) ([A-Za-z0-9+/]{86}==)$")
+_SIG_LINE_RE = re.compile(r"ed25519 ([0-9a-f]{64}) ([A-Za-z0-9+/]{86}==)")
 
 
 @dataclass(frozen=True)
@@ -121,23 +122,29 @@ def encode_signatures(signatures: Iterable[Signature], block_size: int = SIGNATU
 
 def decode_signatures(block: bytes, max_signatures: int = 64) -> tuple[Signature, ...]:
     try:
-        lines = [line for line in block.decode("ascii").split("\n") if line]
+        text = block.decode("ascii")
     except UnicodeDecodeError as exc:
         raise FormatError("signatures block is not ASCII text") from exc
+    lines = text.rstrip("\n").split("\n")  # the padding; anything else must be a line of its own
     if not lines or lines[0] != SIGNATURES_HEADER:
         raise FormatError(f"signatures block: expected header {SIGNATURES_HEADER!r}, found {lines[:1]}")
     if len(lines) - 1 > max_signatures:
         raise FormatError(f"signatures block: limit {max_signatures} signatures, found {len(lines) - 1}")
     signatures = []
     for line in lines[1:]:
-        match = _SIG_LINE_RE.match(line)
+        match = _SIG_LINE_RE.fullmatch(line)
         if not match:
             raise FormatError(f"signatures block: malformed line {line[:80]!r}")
         try:
             value = base64.b64decode(match.group(2), validate=True)
         except binascii.Error as exc:
             raise FormatError("signatures block: bad base64") from exc
+        if base64.b64encode(value).decode() != match.group(2):  # unused low bits of the last character set
+            raise FormatError(f"signatures block: non-canonical base64 in the signature of key {match.group(1)[:16]}")
         signatures.append(Signature(keyid=match.group(1), value=value))
+    if encode_signatures(signatures, len(block)) != block:
+        raise FormatError("signatures block is not in the form airgap writes: one line per key, sorted by key id, "
+                          "padded with newlines")
     return tuple(signatures)
 
 
@@ -232,10 +239,7 @@ def parse_envelope(data: bytes, payload_type: str, max_bytes: int, max_signature
     """Parse a DSSE envelope of the expected payload type; signatures are parsed, not yet verified."""
     if len(data) > max_bytes:
         raise FormatError(f"{what} too large: limit {max_bytes} bytes, found {len(data)}")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{what} is not a JSON signature envelope (DSSE)") from exc
+    raw = strictjson.loads(data, f"{what} (a DSSE signature envelope)")
     if not isinstance(raw, dict) or not isinstance(raw.get("signatures"), list):
         raise FormatError(f"{what}: expected a DSSE envelope with payloadType, payload and signatures")
     if raw.get("payloadType") != payload_type:
@@ -262,6 +266,9 @@ def _b64(value: object, what: str) -> bytes:
     if not isinstance(value, str):
         raise FormatError(f"{what}: expected base64 text, found {type(value).__name__}")
     try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error as exc:
+        decoded = base64.b64decode(value, validate=True)
+    except ValueError as exc:  # binascii.Error, and ValueError for text that is not ASCII (found by fuzzing)
         raise FormatError(f"{what}: bad base64") from exc
+    if base64.b64encode(decoded).decode() != value:
+        raise FormatError(f"{what}: non-canonical base64")
+    return decoded

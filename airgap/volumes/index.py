@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from airgap.errors import FormatError, VolumeError
+from airgap.format import strictjson
 from airgap.format.manifest import JsonObject
 from airgap.streams.pipeline import digest_bytes
 
@@ -26,9 +27,9 @@ SEGMENT_SIZE = 16 << 20  # hashed unit: damage is found, and repaired, before a 
 MIN_SEGMENT_SIZE = 4 << 10
 MAX_SEGMENT_SIZE = 1 << 30
 
-_BUNDLE_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-VOLUME_NAME_RE = re.compile(r"^(?P<bundle>.+)\.(?:(?P<data>[0-9]{3,})|r(?P<recovery>[0-9]{2}))$")
+_BUNDLE_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+VOLUME_NAME_RE = re.compile(r"(?P<bundle>.+)\.(?:(?P<data>[0-9]{3,})|r(?P<recovery>[0-9]{2}))")
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def recovery_name(bundle_file: str, number: int) -> str:
 
 
 def check_bundle_file(name: str) -> str:
-    if not _BUNDLE_FILE_RE.match(name):
+    if not _BUNDLE_FILE_RE.fullmatch(name):
         raise FormatError(f"invalid bundle file name: expected letters, digits, '.', '_', '+' or '-', found {name!r}")
     return name
 
@@ -155,12 +156,12 @@ def segment_count(size: int, segment_size: int) -> int:
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 
 def parse_size(text: str) -> int:
     """`3.9G` -> bytes. K, M, G, T and KiB.. are powers of 1024; KB, MB, GB, TB powers of 1000 (as GNU split)."""
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(text)
     unit = match.group(2).upper() if match else ""
     if not match or unit not in _UNITS:
         raise VolumeError(f"invalid size: expected a number with an optional unit (K, M, G, T, KB, MB, GB, KiB...), "
@@ -205,10 +206,7 @@ def parse_index(data: bytes, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volu
     """Parse and check an index. Raises FormatError naming the first bad field."""
     if len(data) > limits.max_index_bytes:
         raise FormatError(f"volume index too large: limit {limits.max_index_bytes} bytes, found {len(data)}")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"volume index is not valid JSON: {str(exc)[:120]}") from exc
+    raw = strictjson.loads(data, "volume index")
     doc = JsonObject(raw, "volume index")
     if raw.get("_type") != INDEX_TYPE:
         raise FormatError(f"not an airgap volume index: expected _type {INDEX_TYPE!r}, found {raw.get('_type')!r}")
@@ -300,6 +298,6 @@ def _parse_file(raw: object, name: str, size: int, segment_size: int, budget: _S
 
 
 def _check_sha256(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _SHA256_RE.match(value):
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
         raise FormatError(f"volume index: invalid {what}: expected 64 lowercase hex digits, found {str(value)[:80]!r}")
     return value

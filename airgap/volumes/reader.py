@@ -98,7 +98,7 @@ def locate_bundle(path: Path) -> Path:
         return _locate_in_folder(path)
     if path.name.endswith(INDEX_SUFFIX):
         return path
-    match = VOLUME_NAME_RE.match(path.name)
+    match = VOLUME_NAME_RE.fullmatch(path.name)
     if match:  # a volume: only its index says what the others are, and reading it alone would be wrong
         return path.with_name(index_name(match.group("bundle")))
     if path.is_file():
@@ -118,7 +118,7 @@ def _locate_in_folder(folder: Path) -> Path:
         return bundles[0]
     found = indexes or bundles
     if not found:
-        volumes = [p.name for p in folder.iterdir() if VOLUME_NAME_RE.match(p.name)]
+        volumes = [p.name for p in folder.iterdir() if VOLUME_NAME_RE.fullmatch(p.name)]
         if volumes:
             raise VolumeError(f"{folder} holds volumes ({sorted(volumes)[0]}...) but no {INDEX_SUFFIX} index: "
                               "the copy is incomplete, re-run airgap copy")

@@ -199,8 +199,8 @@ class _VolumeSetWriter:
     def _stale(self) -> list[Path]:
         """Leftovers of an earlier split of this bundle, which `cat NAME.[0-9]*` would otherwise pick up."""
         planned = self._planned()
-        pattern = re.compile(re.escape(self.source.bundle_file) + r"\.(?:[0-9]{3,}|r[0-9]{2})$")
-        stale = [p for p in self.dest.iterdir() if pattern.match(p.name) and p.name not in planned]
+        pattern = re.compile(re.escape(self.source.bundle_file) + r"\.(?:[0-9]{3,}|r[0-9]{2})")
+        stale = [p for p in self.dest.iterdir() if pattern.fullmatch(p.name) and p.name not in planned]
         index = self.dest / index_name(self.source.bundle_file)
         return [*stale, index] if index.exists() else stale
 

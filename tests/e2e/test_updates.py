@@ -207,9 +207,10 @@ def test_the_same_key_counted_twice_refused(tmp_path: Path) -> None:
     twice = b"airgap-signatures v1\n" + line + b"\n" + line + b"\n"
     forged = w.folder / "twice.airgap"
     forged.write_bytes(replace_member(data, "signatures", twice + b"\n" * (SIGNATURES_BLOCK_SIZE - len(twice))))
-    assert len(head(forged).signatures) == 2
-    refused(w, forged, SignatureError, r"from 2 trusted key\(s\).*found 1 valid")
-    assert encode_signatures([one, one]).count(one.keyid.encode()) == 1  # and airgap never writes it twice
+    # airgap never writes a key twice, so the reader refuses such a block outright; below it, thresholds
+    # count distinct verified keys (tests/unit/test_trust.py::test_the_same_key_is_counted_once_...)
+    refused(w, forged, FormatError, r"signatures block is not in the form airgap writes: one line per key")
+    assert encode_signatures([one, one]).count(one.keyid.encode()) == 1
 
 
 def test_an_old_root_replayed_changes_nothing(world: World) -> None:
@@ -269,7 +270,10 @@ def test_endless_data_from_a_decompression_bomb_refused(world: World) -> None:
     padded = bomb + skippable + bytes(stored - len(bomb) - 8)
     bombed = world.folder / "bomb.airgap"
     bombed.write_bytes(replace_member(data, member, padded))  # same stored size as the manifest says
-    refused(world, bombed, IntegrityError, r"notes.txt: more data than the \d+ bytes the manifest declares")
+    # the compressed bytes are signed (stored_sha256): refused before zstd sees a byte of them; a bomb
+    # signed with a leaked key stops one chunk past the declared size
+    # (tests/unit/test_bundle.py::test_decompression_bomb_stops_at_declared_size)
+    refused(world, bombed, IntegrityError, r"notes.txt: compressed member differs from the signed manifest")
 
 
 def test_expired_root_refused_unless_allowed(world: World) -> None:

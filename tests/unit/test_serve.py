@@ -528,3 +528,43 @@ def test_the_server_module_refuses_to_start_without_its_configuration() -> None:
     result = subprocess.run([sys.executable, "-m", "airgap.serve"], env=env, capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 2 and "start the server with `airgap serve`" in result.stderr
+
+
+def scope_sent(guard: Guard, scope: Scope, incoming: list[Message]) -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(guard(scope, receive, send))
+    return sent
+
+
+class ScopeRecorder:
+    def __init__(self) -> None:
+        self.types: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        self.types.append(scope["type"])
+
+
+@pytest.mark.parametrize("key", [KEY, None])
+@pytest.mark.parametrize("auth", [None, f"Bearer {KEY}"])
+def test_guard_closes_every_websocket_before_the_inner_app_sees_it(key: str | None, auth: str | None) -> None:
+    app = ScopeRecorder()
+    headers = [] if auth is None else [(b"authorization", auth.encode())]
+    scope: Scope = {"type": "websocket", "path": "/v1/chat/completions", "headers": headers}
+    sent = scope_sent(Guard(app, key, ["tiny"]), scope, [{"type": "websocket.connect"}])
+    assert sent == [{"type": "websocket.close", "code": 1008}]  # closed before accept: the server answers 403
+    assert app.types == []
+
+
+def test_guard_passes_lifespan_and_drops_unknown_scope_types() -> None:
+    app = ScopeRecorder()
+    guard = Guard(app, KEY, ["tiny"])
+    scope_sent(guard, {"type": "lifespan"}, [])
+    assert scope_sent(guard, {"type": "webtransport", "path": "/", "headers": []}, []) == []
+    assert app.types == ["lifespan"]

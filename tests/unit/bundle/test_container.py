@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import io
+import random
 import tarfile
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -11,15 +13,17 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import (
+    CHECK_BEFORE_DECOMPRESS,
     SIGNATURES_MEMBER,
     add_signatures,
     member_bytes,
+    member_header,
     read_head,
     read_payload,
 )
 from airgap.errors import AirgapError, FormatError, IntegrityError
 from airgap.format.manifest import Manifest
-from airgap.trust.signing import TrustPolicy, key_id, sign
+from airgap.trust.signing import TrustPolicy, decode_signatures, encode_signatures, key_id, sign
 from tests.support import make_test_bundle
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
@@ -60,8 +64,8 @@ def test_deterministic(tmp_path: Path) -> None:
 
 
 def full_check(data: bytes, policy: TrustPolicy) -> None:
-    head, tar = read_head(io.BytesIO(data))
-    policy.check(head.manifest_bytes, head.signatures)
+    """What verify does: signatures over the raw manifest bytes first, then parse, then every member."""
+    head, tar = read_head(io.BytesIO(data), authenticate=policy.check)
     read_payload(tar, head.manifest)
 
 
@@ -96,6 +100,8 @@ def append_member(data: bytes, member: bytes) -> bytes:
 
 
 def tar_member(name: str, kind: bytes, payload: bytes = b"", link: str = "") -> bytes:
+    if kind == tarfile.REGTYPE:  # as the real writer writes members, dated like the others
+        return member_bytes(name, payload, int(NOW.timestamp()))
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = len(payload) if kind == tarfile.REGTYPE else 0
@@ -172,3 +178,248 @@ def test_data_after_end_refused(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="after the end"):
         head, tar = read_head(io.BytesIO(data))
         read_payload(tar, head.manifest)
+
+
+# ---------------------------------------------------------------- the reader accepts exactly the writer's bytes
+
+def signed_bundle(tmp_path: Path, files: dict[str, bytes] | None = None) -> tuple[bytes, TrustPolicy]:
+    key = Ed25519PrivateKey.generate()
+    data = make_bundle(tmp_path, files or {"models/m.gguf": b"GGUF" + b"x" * 3000, "a.txt": b"hello " * 300},
+                       key).read_bytes()
+    policy = TrustPolicy((key.public_key(),))
+    full_check(data, policy)
+    return data, policy
+
+
+def head_end(data: bytes) -> int:
+    """Offset of the first payload member: manifest, signatures and SHA256SUMS come before it."""
+    head, tar = read_head(io.BytesIO(data))
+    tar.next_member()
+    return tar.offset + len(head.manifest.sha256sums_text()) + (-len(head.manifest.sha256sums_text()) % 512)
+
+
+def refused(data: bytes, policy: TrustPolicy) -> bool:
+    try:
+        full_check(data, policy)
+    except AirgapError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("replacement", [b" ", b"\t", b"+"])
+def test_a_checksum_field_in_another_form_is_refused(tmp_path: Path, replacement: bytes) -> None:
+    data, policy = signed_bundle(tmp_path)
+    for header in (0, head_end(data)):  # the manifest's header, the first payload member's
+        assert data[header + 148:header + 149] == b"0"
+        changed = data[:header + 148] + replacement + data[header + 149:]
+        with pytest.raises(FormatError, match="non-canonical tar header"):
+            full_check(changed, policy)
+
+
+def test_a_numeric_field_in_another_form_is_refused(tmp_path: Path) -> None:
+    data, policy = signed_bundle(tmp_path)
+    header = bytearray(data[:512])
+    header[124:136] = b"%011o " % len(read_head(io.BytesIO(data))[0].manifest_bytes)  # size ended by a space
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(FormatError, match="non-canonical tar header for member 'manifest.json' at offset 0"):
+        full_check(bytes(header) + data[512:], policy)
+
+
+def test_the_unused_bits_of_a_signatures_last_base64_character_are_refused(tmp_path: Path) -> None:
+    data, policy = signed_bundle(tmp_path)
+    head, _ = read_head(io.BytesIO(data))
+    text = base64.b64encode(head.signatures[0].value)
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet[alphabet.index(text[-3]) ^ 0x01]  # the lowest of the four bits nobody reads
+    other = text[:-3] + bytes([last]) + b"=="  # the same 64 bytes decode from both
+    assert base64.b64decode(other) == head.signatures[0].value and other != text
+    changed = data.replace(text, other, 1)
+    with pytest.raises(FormatError, match="non-canonical base64"):
+        full_check(changed, policy)
+
+
+def test_a_signatures_member_of_another_size_is_refused_and_sign_never_writes_over_it(tmp_path: Path) -> None:
+    data, policy = signed_bundle(tmp_path)
+    head, _ = read_head(io.BytesIO(data))
+    start = head.signatures_offset - 512
+    short = encode_signatures(head.signatures, block_size=1024)
+    mtime = int(head.manifest.created.timestamp())
+    shrunk = data[:start] + member_bytes(SIGNATURES_MEMBER, short, mtime) + data[start + 512 + 8192:]
+    path = tmp_path / "short.airgap"
+    path.write_bytes(shrunk)
+    with pytest.raises(FormatError, match="signatures member must be exactly 8192 bytes, found 1024"):
+        full_check(shrunk, policy)
+    with pytest.raises(FormatError, match="must be exactly 8192 bytes"):
+        add_signatures(path, [sign(head.manifest_bytes, Ed25519PrivateKey.generate())])
+    assert path.read_bytes() == shrunk  # nothing written
+
+
+def test_signature_lines_out_of_order_or_padding_changed_are_refused(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    data, _ = signed_bundle(tmp_path)
+    head, _ = read_head(io.BytesIO(data))
+    both = sorted([*head.signatures, sign(head.manifest_bytes, key)], key=lambda s: s.keyid)
+    block = encode_signatures(both)
+    lines = block.rstrip(b"\n").split(b"\n")
+    swapped = b"\n".join([lines[0], lines[2], lines[1]]) + b"\n"
+    for bad in (swapped + b"\n" * (8192 - len(swapped)), block[:-2] + b" \n", block[:-1] + b"\0"):
+        with pytest.raises(FormatError, match="signatures block"):
+            decode_signatures(bad)
+    assert decode_signatures(block) == tuple(both)
+
+
+def long_name_bundle(tmp_path: Path) -> tuple[bytes, TrustPolicy]:
+    """A path of more than 100 characters: the writer puts it in a pax header."""
+    return signed_bundle(tmp_path, {"d/" * 60 + "x.txt": b"long " * 200, "models/m.gguf": b"GGUF" * 100})
+
+
+def test_pax_padding_records_and_extra_pax_headers_are_refused(tmp_path: Path) -> None:
+    data, policy = long_name_bundle(tmp_path)
+    at = data.index(b"././@PaxHeader")
+    records_end = at + 512 + int(data[at + 124:at + 135], 8)
+    assert data[records_end - 1:records_end] == b"\n"
+    changes = {
+        "padding": data[:records_end] + b"\n" + data[records_end + 1:],
+        "a newline record": data[:records_end + 1] + data[records_end + 2:],
+        "an extra pax header": data[:at] + data[at:at + 1024] + data[at:],
+        "another record": data.replace(b" path=", b" PATH=", 1),
+    }
+    for what, changed in changes.items():
+        assert refused(changed, policy), what
+
+
+def test_a_pax_size_that_is_not_a_plain_number_is_refused(tmp_path: Path) -> None:
+    data, policy = long_name_bundle(tmp_path)
+    at = data.index(b"././@PaxHeader")
+    size = int(data[at + 124:at + 135], 8)
+    for value in ("\u00b2", "9" * 5000, "-1", "010"):
+        record = f" size={value}\n".encode()
+        record = str(len(record) + len(str(len(record) + 3))).encode() + record
+        records = data[at + 512:at + 512 + size] + record
+        pax = member_bytes("././@PaxHeader", records, 0)
+        changed = data[:at] + pax[:156] + b"x" + pax[157:] + data[at + 1024:]
+        with pytest.raises(FormatError, match="pax|tar header"):
+            full_check(changed, policy)
+
+
+def skippable_frame(size: int) -> bytes:
+    return (0x184D2A50).to_bytes(4, "little") + (size - 8).to_bytes(4, "little") + bytes(size - 8)
+
+
+def test_recompressed_member_with_the_same_content_is_refused(tmp_path: Path) -> None:
+    """Re-encoded with other settings, padded to its length with a skippable frame: same decompressed bytes."""
+    words = random.Random(7).choices(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta"], k=3000)
+    text = " ".join(words).encode()
+    data, policy = signed_bundle(tmp_path, {"notes.txt": text, "models/m.gguf": b"GGUF" * 100})
+    head, _ = read_head(io.BytesIO(data))
+    entry = head.manifest.file("notes.txt")
+    original = data[data.index(b"\x28\xb5\x2f\xfd"):][:entry.stored_size]
+    other = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(text)
+    assert len(other) <= entry.stored_size - 8, (len(other), entry.stored_size)
+    forged = other + skippable_frame(entry.stored_size - len(other))
+    assert zstandard.ZstdDecompressor().stream_reader(forged, read_across_frames=True).read() == text
+    with pytest.raises(IntegrityError, match="notes.txt: compressed member differs from the signed manifest"):
+        full_check(data.replace(original, forged, 1), policy)
+
+
+def test_a_big_compressed_member_is_hashed_in_the_same_read_and_refused_before_it_is_kept(tmp_path: Path) -> None:
+    """Above CHECK_BEFORE_DECOMPRESS the stored bytes are hashed while they are decompressed."""
+    rng = random.Random(3)
+    text = b"".join(rng.randbytes(3600) + bytes(496) for _ in range(CHECK_BEFORE_DECOMPRESS // 3600 + 200))
+    bundle = make_bundle(tmp_path, {"big.bin": text})
+    with bundle.open("rb") as stream:
+        head, _ = read_head(stream)
+    entry = head.manifest.file("big.bin")
+    assert entry.storage == "zstd" and entry.stored_size > CHECK_BEFORE_DECOMPRESS
+    forged = replace(head.manifest, files=(replace(entry, stored_sha256="e" * 64),)).with_sha256sums()
+    closed: list[bool] = []
+
+    class Keep:
+        def write(self, chunk: bytes, /) -> int:
+            return len(chunk)
+
+        def close(self, ok: bool) -> None:
+            closed.append(ok)
+
+    with bundle.open("rb") as stream:
+        _, tar = read_head(stream)
+        with pytest.raises(IntegrityError, match="stored sha256 expected e{64}, found"):
+            read_payload(tar, forged, lambda e: Keep())
+    assert closed == [False]
+    with bundle.open("rb") as stream:
+        _, tar = read_head(stream)
+        read_payload(tar, head.manifest, lambda e: Keep())
+    assert closed == [False, True]
+
+
+def test_a_format_1_bundle_with_compressed_members_is_refused_with_a_way_out(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, FILES)
+    with bundle.open("rb") as stream:
+        head, _ = read_head(stream)
+    old = replace(head.manifest, format_version=1,
+                  files=tuple(replace(e, stored_sha256=None) for e in head.manifest.files)).with_sha256sums()
+    with bundle.open("rb") as stream:
+        _, tar = read_head(stream)
+        with pytest.raises(FormatError, match="without a signed stored_sha256: rebuild it with this airgap"):
+            read_payload(tar, old)
+
+
+def test_the_end_of_the_archive_is_exactly_two_zero_blocks(tmp_path: Path) -> None:
+    data, policy = signed_bundle(tmp_path)
+    for changed in (data[:-512], data + bytes(512)):
+        assert refused(changed, policy)
+
+
+def test_headers_do_not_depend_on_pythons_tarfile_but_match_it_here() -> None:
+    """Bundles written before the writer had its own encoder used tarfile's bytes: they stay readable."""
+    for name, size in (("manifest.json", 1234), ("files/" + "d/" * 60 + "x", 5), ("files/m.gguf", 9 << 30),
+                       ("files/" + "y" * 94, 0), ("files/" + "y" * 95, 1)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 1767312000, 0o644, \
+            0, 0, "", ""
+        assert member_header(name, size, 1767312000) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"), name
+
+
+PATTERNS = (lambda b: b ^ 0x01, lambda b: b ^ 0x80, lambda b: b ^ 0xFF, lambda b: 0x00)
+HEAD_PATTERNS = (*PATTERNS, lambda b: 0x20, lambda b: 0x09, lambda b: 0x2B, lambda b: 0x30, lambda b: 0x0A,
+                 lambda b: 0x3D)  # space, tab, '+', '0', newline, '=': the forms a lenient parser accepts
+
+
+@pytest.mark.slow
+def test_every_byte_with_several_bit_patterns_is_refused(tmp_path: Path) -> None:
+    data, policy = signed_bundle(tmp_path)
+    accepted = []
+    for offset in range(len(data)):
+        for pattern in PATTERNS[1:]:  # XOR 0x01 is test_every_flipped_byte_is_refused's
+            value = pattern(data[offset])
+            if value != data[offset] and not refused(data[:offset] + bytes([value]) + data[offset + 1:], policy):
+                accepted.append((offset, value))
+    assert accepted == []
+
+
+@pytest.mark.slow
+def test_every_byte_of_the_head_in_every_form_is_refused(tmp_path: Path) -> None:
+    """Manifest, signatures and SHA256SUMS members, headers and padding, and the first payload member's header
+    (a pax header and its records for a long name): each byte set to each pattern."""
+    short, long = signed_bundle(tmp_path / "short"), long_name_bundle(tmp_path / "long")
+    for (data, policy), span in ((short, range(head_end(short[0]) + 512)),
+                                 (long, range(head_end(long[0]), head_end(long[0]) + 1536))):
+        accepted = []
+        for offset in span:
+            for pattern in HEAD_PATTERNS:
+                value = pattern(data[offset])
+                if value != data[offset] and not refused(data[:offset] + bytes([value]) + data[offset + 1:], policy):
+                    accepted.append((offset, value))
+        assert accepted == []
+
+
+def test_a_pax_header_with_a_negative_base_256_size_is_refused_without_reading_on(tmp_path: Path) -> None:
+    data, policy = long_name_bundle(tmp_path)
+    at = data.index(b"././@PaxHeader")
+    header = bytearray(data[at:at + 512])
+    header[124:136] = b"\xff" * 12  # base-256: -1
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(FormatError, match="pax header too large: limit 512 bytes, found -1"):
+        full_check(data[:at] + bytes(header) + data[at + 512:], policy)

@@ -181,3 +181,24 @@ def test_the_documented_recipe_verifies_a_root_by_hand(tmp_path: Path) -> None:
         base64.b64decode(envelope["payload"]).replace(b'"threshold": 2', b'"threshold": 1')).decode()
     tampered.write_text(json.dumps(envelope))
     assert run(tampered, "bad").returncode != 0
+
+
+def test_duplicate_keys_and_deep_nesting_are_refused_in_root_files() -> None:
+    first = keys(1)
+    data = root(1, first, first)
+    envelope = json.loads(data)
+    payload = base64.b64decode(envelope["payload"])
+    twice = Envelope(envelope["payloadType"], payload.replace(b'"version": 1', b'"version": 1,\n "version": 2', 1))
+    with pytest.raises(FormatError, match="root file payload is not valid JSON for airgap: key 'version' appears"):
+        parse_root(twice.to_bytes())
+    with pytest.raises(FormatError, match=r"root file \(a DSSE signature envelope\) is not valid JSON for airgap: key"):
+        parse_root(data.replace(b'"payloadType"', b'"payloadType": "x",\n "payloadType"', 1))
+    with pytest.raises(FormatError, match="nested 100000 levels deep"):
+        parse_root(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(FormatError, match="root file signature: non-canonical base64"):
+        sig = envelope["signatures"][0]["sig"]
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        other = sig[:-3] + alphabet[alphabet.index(sig[-3]) ^ 1] + "=="
+        parse_root(data.replace(sig.encode(), other.encode(), 1))
+    with pytest.raises(FormatError, match="bad base64"):  # found by fuzzing: text that is not ASCII
+        parse_root(data.replace(envelope["payload"][:8].encode(), "\u00e9".encode() * 4, 1))

@@ -33,6 +33,7 @@ from airgap.volumes import (
     read_index,
     split_bundle,
 )
+from airgap.volumes.index import check_bundle_file
 from tests.support import REPO, make_test_bundle
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
@@ -543,3 +544,18 @@ def test_read_back_comes_from_the_device_not_the_page_cache(tmp_path: Path) -> N
     fsutil.drop_cache(fd)
     os.close(fd)
     assert resident() == 0
+
+
+def test_the_index_is_read_by_the_strict_json_loader(bundle: Bundle, tmp_path: Path) -> None:
+    data = (volumes_dir(bundle, tmp_path, 4096) / "demo-1.0.airgap.volumes.json").read_bytes()
+    parse_index(data)
+    duplicate = data.replace(b'"format": 1,', b'"format": 1,\n "format": 1,', 1)
+    assert duplicate != data
+    with pytest.raises(FormatError, match="volume index is not valid JSON for airgap: key 'format' appears twice"):
+        parse_index(duplicate)
+    with pytest.raises(FormatError, match="volume index is not valid JSON for airgap: nested 100000 levels deep"):
+        parse_index(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(FormatError, match="an integer of 5000 digits"):
+        parse_index(data.replace(b'"format": 1,', b'"format": 1' + b"0" * 4999 + b",", 1))
+    with pytest.raises(FormatError, match="invalid bundle file name"):
+        check_bundle_file("demo-1.0.airgap\n")
