@@ -11,13 +11,14 @@ or are missing is refused rather than half-trusted.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from airgap.bundle.container import Head, Sink
 from airgap.errors import FormatError
-from airgap.format.manifest import DEFAULT_LIMITS, FileEntry, Limits
+from airgap.format.manifest import DEFAULT_LIMITS, FileEntry, Limits, Manifest
 from airgap.trust.acceptance import Overrides, check_root_fresh
 from airgap.trust.roots import ROOTS_FOLDER, Root, root_member_version, walk_chain
 from airgap.trust.signing import Signature, TrustPolicy, key_id, public_key_from_raw
@@ -27,10 +28,22 @@ SinkFactory = Callable[[FileEntry], Sink | None]
 
 
 @dataclass(frozen=True)
-class Authenticated:
+class VerifiedManifest:
+    """A manifest whose signatures the gate checked against the trust anchor: only `authenticate` makes one.
+
+    A parsed `Head` is untrusted; what install writes into a version (manifest.json, the generation record,
+    the roots to pin) comes from this value, so an unverified manifest cannot reach the prefix by mistake.
+    """
+
+    manifest: Manifest
+    manifest_bytes: bytes  # exactly the signed bytes
     signers: tuple[str, ...]  # key ids of the release keys whose signatures counted
     new_roots: tuple[Root, ...]  # roots after the trusted one that this bundle's chain reached
     overrides: tuple[str, ...]  # overrides the trust checks needed (an expired root)
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
 
     @property
     def root_version(self) -> int | None:
@@ -38,15 +51,16 @@ class Authenticated:
 
 
 def authenticate(head: Head, anchor: Anchor, roots: Mapping[int, bytes], now: datetime, overrides: Overrides,
-                 limits: Limits = DEFAULT_LIMITS) -> Authenticated:
+                 limits: Limits = DEFAULT_LIMITS) -> VerifiedManifest:
     """Check the manifest's signatures against the release keys of the newest root reachable."""
     if isinstance(anchor, TrustPolicy):
-        return Authenticated(_key_ids(anchor.check(head.manifest_bytes, head.signatures)), (), ())
+        good_keys = anchor.check(head.manifest_bytes, head.signatures)
+        return VerifiedManifest(head.manifest, head.manifest_bytes, _key_ids(good_keys), (), ())
     new_roots = walk_chain(anchor, roots, limits)
     final = new_roots[-1] if new_roots else anchor
     used = check_root_fresh(final.version, final.expires, now, overrides)
     good = final.release_policy.check(head.manifest_bytes, head.signatures)
-    return Authenticated(_key_ids(good), new_roots, tuple(used))
+    return VerifiedManifest(head.manifest, head.manifest_bytes, _key_ids(good), new_roots, tuple(used))
 
 
 def check_before_parsing(anchor: Anchor) -> Callable[[bytes, Sequence[Signature]], None]:
@@ -93,7 +107,7 @@ class TrustGate:
         self.head, self.anchor, self.now, self.overrides = head, anchor, now, overrides
         self.inner, self.limits = inner, limits
         self.roots: dict[int, tuple[FileEntry, bytes]] = {}
-        self.result: Authenticated | None = None
+        self.result: VerifiedManifest | None = None  # set once, by finish(): the only way to a verified value
 
     def open_sink(self, entry: FileEntry) -> Sink | None:
         version = root_member_version(entry.path) if entry.kind == "meta" else None
@@ -107,7 +121,7 @@ class TrustGate:
                               f"manifest declares {entry.size}")
         return _MemorySink(lambda data: self.roots.__setitem__(version, (entry, data)))
 
-    def finish(self) -> Authenticated:
+    def finish(self) -> VerifiedManifest:
         """Authenticate (once), then hand the held-back root files to the installer."""
         if self.result is None:
             candidates = {version: data for version, (_, data) in self.roots.items()}

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from airgap.bundle.container import FileSink, Head, Sink, read_head, read_payload
-from airgap.bundle.gate import Anchor, Authenticated, SinkFactory, TrustGate, check_before_parsing
+from airgap.bundle.gate import Anchor, SinkFactory, TrustGate, VerifiedManifest, check_before_parsing
 from airgap.errors import (
     AirgapError,
     DiskFullError,
@@ -265,7 +265,7 @@ def install_bundle(
                     examine_wheel(wheel)
                 _store(prefix, staging)
                 reached("stored")
-                generation = _assemble(prefix, manifest, head, gen_id, clock, [*used, *auth.overrides])
+                generation = _assemble(prefix, auth, gen_id, clock, [*used, *auth.overrides])
                 reached("built")
                 for root in auth.new_roots:
                     write_root(prefix, root.version, root.to_bytes())
@@ -360,7 +360,7 @@ def _check_space(prefix: Path, manifest: Manifest) -> None:
 
 
 def _stage(tar: object, head: Head, gate_for: Callable[[SinkFactory], TrustGate], prefix: Path, staging: Path,
-           progress: bool) -> tuple[int, Authenticated]:
+           progress: bool) -> tuple[int, VerifiedManifest]:
     """Verify the payload into staging; the gate authenticates before the first file is written."""
     manifest = head.manifest
     staging.parent.mkdir(mode=0o755, exist_ok=True)
@@ -394,12 +394,12 @@ def _store(prefix: Path, staging: Path) -> None:
     fsync_dir(store)
 
 
-def _assemble(
-    prefix: Path, manifest: Manifest, head: Head, gen_id: str, clock: datetime, overrides: list[str],
-) -> Generation:
+def _assemble(prefix: Path, verified: VerifiedManifest, gen_id: str, clock: datetime,
+              overrides: list[str]) -> Generation:
     """Build the new version beside the active one, from the store. Nothing is written through a link:
     model and meta files become links to their blobs, manifest.json is a new file of its own, and the
     venv (a new folder) is filled by the wheel installer alone."""
+    manifest = verified.manifest
     store = Prefix(prefix).store
     versions = Prefix(prefix).versions
     versions.mkdir(mode=0o755, exist_ok=True)
@@ -409,14 +409,14 @@ def _assemble(
     for entry in manifest.files:
         if entry.kind != "wheel":
             _link(gen_dir / entry.path, store / entry.sha256)
-    write_new(gen_dir / "manifest.json", head.manifest_bytes)
+    write_new(gen_dir / "manifest.json", verified.manifest_bytes)
     if manifest.packages:
         install_wheels(gen_dir / "venv", _wheels(prefix, manifest))
     sync_filesystem(gen_dir)  # links, manifest and venv are durable before state.json calls them ready
     models = tuple(InstalledModel(m.id, f, manifest.file(f).size, manifest.file(f).sha256)
                    for m in manifest.models for f in m.files)
     return Generation(
-        id=gen_id, name=manifest.name, version=manifest.version, manifest_sha256=head.manifest_sha256,
+        id=gen_id, name=manifest.name, version=manifest.version, manifest_sha256=verified.manifest_sha256,
         created=format_time(manifest.created), installed_at=format_time(clock), models=models,
         overrides=tuple(overrides),
     )

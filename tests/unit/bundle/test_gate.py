@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import read_head, read_head_from_path, read_payload
 from airgap.bundle.drops import cosign_bundle, create_root
-from airgap.bundle.gate import Anchor, Authenticated, TrustGate
+from airgap.bundle.gate import Anchor, TrustGate, VerifiedManifest
 from airgap.errors import FormatError, SignatureError, TrustError
 from airgap.format.manifest import DEFAULT_LIMITS, FileEntry, Limits
 from airgap.trust.acceptance import NO_OVERRIDES, Overrides
@@ -73,7 +73,7 @@ class _Kept:
 
 
 def through_gate(bundle: Path, anchor: Anchor, recorder: Recorder, *, now: datetime = NOW,
-                 overrides: Overrides = NO_OVERRIDES, limits: Limits = DEFAULT_LIMITS) -> Authenticated:
+                 overrides: Overrides = NO_OVERRIDES, limits: Limits = DEFAULT_LIMITS) -> VerifiedManifest:
     with bundle.open("rb") as stream:
         head, tar = read_head(stream)
         gate = TrustGate(head, anchor, now, overrides, recorder, limits)
@@ -88,7 +88,10 @@ def test_accepted_with_the_right_key(tmp_path: Path) -> None:
     bundle = make_test_bundle(tmp_path, FILES, key)
     recorder = Recorder()
     auth = through_gate(bundle, policy(key), recorder)
-    assert auth == Authenticated(signers=(key_id(key.public_key()),), new_roots=(), overrides=())
+    assert (auth.signers, auth.new_roots, auth.overrides) == ((key_id(key.public_key()),), (), ())
+    with bundle.open("rb") as stream:
+        head, _ = read_head(stream)
+    assert auth.manifest_bytes == head.manifest_bytes and auth.manifest == head.manifest  # what was verified
     assert auth.root_version is None
     assert dict(recorder.received) == FILES  # every file handed on, byte for byte
 
