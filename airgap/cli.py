@@ -327,6 +327,18 @@ def rollback(prefix: Path, to_version: str | None) -> None:
     click.echo(f"rolled back from {old.name} {old.version} to {new.name} {new.version}")
 
 
+@main.command("fleet-report")
+@click.argument("folder", type=click.Path(path_type=Path))
+@json_option
+def fleet_report(folder: Path, as_json: bool) -> None:
+    """One table of many hosts' `airgap status --json` (gathered by deploy/ansible/fleet.yml into FOLDER)."""
+    from airgap.fleet import read_fleet, render_table
+
+    view = read_fleet(folder)
+    _emit(as_json, {"hosts": [asdict(h) for h in view.hosts], "common": view.common,
+                    "differing": list(view.differing)}, render_table(view))
+
+
 # ---------------------------------------------------------------- serving
 
 def plan_options(func: F) -> F:

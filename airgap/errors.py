@@ -69,3 +69,7 @@ class PlanError(ServeError):
 
 class VolumeError(AirgapError):
     """A volume of a split bundle is missing, truncated, swapped or corrupted."""
+
+
+class FleetError(AirgapError):
+    """A fleet report's input (one host's gathered status) is missing or malformed."""
