@@ -1,0 +1,363 @@
+"""Test hosts for the Ansible rollout: each a network namespace with its own veth link and address, its own
+sshd (Debian's openssh-server, private config, a key the test made, no systemd) and its own prefix, tool venv
+and run folder on the shared file system. The controller (this process's namespace) runs the real
+`ansible-playbook` against them over SSH; HAProxy, started by the playbook, runs here on 127.0.0.1.
+
+Everything made here is torn down by `Fleet.close()`: the processes in each namespace, the namespaces (and
+with them the veth links), tmpfs mounts, HAProxy, SSH control masters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support import REPO
+
+PLAYBOOKS = REPO / "deploy" / "ansible"
+SSHD = "/usr/sbin/sshd"
+HAPROXY = "/usr/sbin/haproxy"
+API_KEY = "fleet-test-key-0123456789abcdef"
+
+
+def run(*command: str | Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, command))} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+@dataclass
+class TestHost:
+    name: str
+    index: int
+    netns: str
+    address: str
+    root: Path
+    sshd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def prefix(self) -> Path:
+        return self.root / "prefix"
+
+    @property
+    def tool(self) -> Path:
+        return self.root / "tool"
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.root / "api-key"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}:8080"
+
+    def inventory_vars(self) -> dict[str, Any]:
+        return {"ansible_host": self.address, "airgap_prefix": str(self.prefix), "airgap_tool_venv": str(self.tool),
+                "airgap_incoming": str(self.incoming), "airgap_run_dir": str(self.run_dir),
+                "airgap_api_key_file": str(self.api_key_file), "airgap_serve_port": 8080,
+                "airgap_serve_extra_args": ["--threads", "1", "--n-ctx", "512"]}
+
+    def active_version(self) -> str | None:
+        state_file = self.prefix / "state.json"
+        if not state_file.exists():
+            return None
+        state = json.loads(state_file.read_text())
+        return next((g["version"] for g in state["generations"] if g["id"] == state["active"]), None)
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    code: int
+    output: str
+    report: list[dict[str, Any]]
+    seconds: float
+
+    def outcome(self, host: str) -> dict[str, Any]:
+        return next(entry for entry in self.report if entry["host"] == host)
+
+    def recap(self) -> dict[str, dict[str, int]]:
+        """PLAY RECAP counters per host: {'h1': {'ok': 9, 'changed': 0, ...}}."""
+        found: dict[str, dict[str, int]] = {}
+        for line in self.output.split("PLAY RECAP", 1)[-1].splitlines():
+            match = re.match(r"^(\S+)\s+:\s+(.*)$", line.strip())
+            if match:
+                found[match.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match.group(2))}
+        return found
+
+
+@dataclass
+class Fleet:
+    root: Path
+    count: int
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}")
+    hosts: list[TestHost] = field(default_factory=list)
+    lb_port: int = 0
+    mounts: list[Path] = field(default_factory=list)
+
+    @property
+    def lb_dir(self) -> Path:
+        return self.root / "lb"
+
+    @property
+    def lb_url(self) -> str:
+        return f"http://127.0.0.1:{self.lb_port}"
+
+    @property
+    def control_dir(self) -> Path:
+        return self.root / "cp"
+
+    def start(self) -> Fleet:
+        for folder in (self.lb_dir, self.control_dir, self.root / "ansible"):
+            folder.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        self.client_key = self.root / "id_ed25519"
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "airgap-fleet-test", "-f", self.client_key)
+        (self.root / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
+        self.lb_port = _free_port()
+        for i in range(1, self.count + 1):
+            self.hosts.append(self.add_host(i, sshd=True))
+        return self
+
+    def add_host(self, index: int, *, sshd: bool) -> TestHost:
+        """A namespace with its own /30 link; with sshd, a host Ansible can reach, else an unreachable one."""
+        netns = f"ag{self.tag}h{index}"
+        outer, inner = f"ag{self.tag}h{index}o", f"ag{self.tag}h{index}i"
+        net = f"10.{200 + int(self.tag) % 50}.{index}"
+        host = TestHost(name=f"h{index}", index=index, netns=netns, address=f"{net}.2", root=self.root / f"h{index}")
+        host.root.mkdir(parents=True, exist_ok=True)
+        run("ip", "netns", "add", netns)
+        run("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        run("ip", "link", "set", inner, "netns", netns)
+        run("ip", "addr", "add", f"{net}.1/30", "dev", outer)
+        run("ip", "link", "set", outer, "up")
+        for command in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{net}.2/30", "dev", inner],
+                        ["ip", "link", "set", inner, "up"]):
+            run("ip", "netns", "exec", netns, *command)
+        host.api_key_file.write_text(API_KEY + "\n")
+        host.api_key_file.chmod(0o600)
+        if sshd:
+            self._start_sshd(host)
+        return host
+
+    def _start_sshd(self, host: TestHost) -> None:
+        key = host.root / "ssh_host_ed25519_key"
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+        config = host.root / "sshd_config"
+        config.write_text(
+            f"ListenAddress {host.address}:22\nHostKey {key}\nPidFile {host.root / 'sshd.pid'}\nUsePAM no\n"
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}\nStrictModes no\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\n"
+            "MaxSessions 50\nMaxStartups 50\nLogLevel ERROR\n"
+        )
+        # a mount namespace of its own, so a test can fill this host's disk without touching the machine
+        host.sshd = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, "unshare", "-m", "--propagation", "private", SSHD, "-D", "-e",
+             "-f", str(config)], stdout=subprocess.DEVNULL, stderr=open(host.root / "sshd.log", "wb"))  # noqa: SIM115
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host.address, 22), timeout=1):
+                    return
+            except OSError:
+                if host.sshd.poll() is not None:
+                    break
+                time.sleep(0.1)
+        raise AssertionError(f"sshd for {host.name} did not start: {(host.root / 'sshd.log').read_text()[-2000:]}")
+
+    # ------------------------------------------------------------ disk
+
+    def fill_disk(self, host: TestHost, size: str = "64k") -> None:
+        """A small tmpfs over the host's PREFIX/staging, in its sshd's mount namespace only."""
+        assert host.sshd is not None
+        staging = host.prefix / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        run("nsenter", "-t", str(host.sshd.pid), "-m", "mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", staging)
+        self.mounts.append(staging)
+
+    def free_disk(self, host: TestHost) -> None:
+        assert host.sshd is not None
+        staging = host.prefix / "staging"
+        run("nsenter", "-t", str(host.sshd.pid), "-m", "umount", staging)
+        self.mounts.remove(staging)
+
+    # ------------------------------------------------------------ ansible
+
+    def inventory(self, hosts: Sequence[TestHost] | None = None, *, health_timeout: int = 60) -> Path:
+        chosen = list(self.hosts if hosts is None else hosts)
+        data = {
+            "all": {
+                "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.client_key),
+                         "ansible_python_interpreter": "/usr/bin/python3",
+                         "airgap_controller_command": f"{sys.prefix}/bin/airgap",
+                         "airgap_controller_cache": str(self.root / "controller-cache"),
+                         "airgap_health_timeout": health_timeout},
+                "children": {
+                    "airgap_servers": {"hosts": {h.name: h.inventory_vars() for h in chosen}},
+                    "airgap_lb": {"hosts": {"lb": {
+                        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                        "airgap_lb_dir": str(self.lb_dir), "airgap_lb_socket": str(self.lb_dir / "admin.sock"),
+                        "airgap_lb_bind": f"127.0.0.1:{self.lb_port}", "airgap_lb_manager": "supervised",
+                        "airgap_lb_check_inter": "250ms", "airgap_lb_check_rise": 1, "airgap_lb_check_fall": 1,
+                    }}},
+                },
+            }
+        }
+        path = self.root / f"inventory-{len(chosen)}.yml"
+        path.write_text(json.dumps(data, indent=2))
+        return path
+
+    def playbook(self, name: str, inventory: Path, extra: dict[str, Any] | None = None,
+                 timeout: float = 600) -> PlaybookRun:
+        report = self.root / "rollout-report.json"
+        report.unlink(missing_ok=True)
+        env = {**os.environ, "ANSIBLE_HOME": str(self.root / "ansible"), "ANSIBLE_HOST_KEY_CHECKING": "False",
+               "ANSIBLE_PIPELINING": "True", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
+               "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir), "ANSIBLE_LOCAL_TEMP": str(self.root / "atmp"),
+               "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=/dev/null",
+               "ANSIBLE_DEPRECATION_WARNINGS": "False", "ANSIBLE_FORKS": "10", "AIRGAP_ROLLOUT_REPORT": str(report),
+               "ANSIBLE_CONFIG": str(self.root / "no-ansible.cfg")}
+        command = [f"{sys.prefix}/bin/ansible-playbook", "-i", str(inventory), str(PLAYBOOKS / name)]
+        if extra:
+            command += ["-e", json.dumps(extra)]
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=self.root, timeout=timeout,
+                              check=False)
+        seconds = time.monotonic() - started
+        entries = json.loads(report.read_text()) if report.exists() else []
+        return PlaybookRun(done.returncode, done.stdout + done.stderr, entries, seconds)
+
+    # ------------------------------------------------------------ load balancer
+
+    def lb_stats(self) -> dict[str, dict[str, str]]:
+        """HAProxy's `show stat` rows of backend airgap, by server name."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(self.lb_dir / "admin.sock"))
+            sock.sendall(b"show stat\n")
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+        return {r["svname"]: r for r in rows if r["pxname"] == "airgap" and r["svname"] not in ("BACKEND", "FRONTEND")}
+
+    # ------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        for staging in list(self.mounts):
+            host = next(h for h in self.hosts if staging.is_relative_to(h.root))
+            if host.sshd is not None and host.sshd.poll() is None:
+                run("nsenter", "-t", str(host.sshd.pid), "-m", "umount", "-l", staging, check=False)
+        pidfile = self.lb_dir / "haproxy.pid"
+        if pidfile.exists():
+            for pid in pidfile.read_text().split():
+                _kill(int(pid))
+        for host in self.hosts:
+            if self.client_key.exists():
+                run("ssh", "-o", f"ControlPath={self.control_dir}/%C", "-O", "exit", f"root@{host.address}",
+                    check=False, timeout=10)
+            pids = run("ip", "netns", "pids", host.netns, check=False).stdout.split()
+            for pid in pids:
+                _kill(int(pid))
+            if host.sshd is not None:
+                host.sshd.wait(10)
+            run("ip", "netns", "del", host.netns, check=False)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def chat(base_url: str, timeout: float = 30) -> tuple[int, str]:
+    """(HTTP status, X-Airgap-Server header) of one chat completion; (0, '') when nothing answered."""
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    request = urllib.request.Request(base_url + "/v1/chat/completions", data=body, headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return int(response.status), response.headers.get("X-Airgap-Server", "")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.headers.get("X-Airgap-Server", "")
+    except (urllib.error.URLError, OSError):
+        return 0, ""
+
+
+class Load:
+    """Chat completions against the load balancer, back to back from `workers` threads, while a rollout runs."""
+
+    def __init__(self, url: str, workers: int = 2) -> None:
+        self.url = url
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(workers)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.results.append(chat(self.url))
+            time.sleep(0.02)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    @property
+    def lost(self) -> int:
+        return sum(1 for status, _ in self.results if status != 200)
+
+
+def prefix_snapshot(host: TestHost) -> tuple[Any, ...]:
+    """What an update must not change when it is refused: active link, state, trusted roots, versions."""
+    prefix = host.prefix
+    link = prefix / "current"
+    trust = prefix / "trust"
+    return (
+        os.readlink(link) if link.is_symlink() else None,
+        (prefix / "state.json").read_bytes() if (prefix / "state.json").exists() else b"",
+        tuple(sorted(p.name for p in trust.iterdir())) if trust.is_dir() else (),
+        tuple(sorted(p.name for p in (prefix / "versions").iterdir())) if (prefix / "versions").is_dir() else (),
+    )
+
+
+def have_tools() -> str | None:
+    """Why the fleet tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    missing = [t for t in (SSHD, HAPROXY, shutil.which("ssh") or "ssh", shutil.which("nsenter") or "nsenter")
+               if not Path(t).exists()]
+    return f"missing {', '.join(missing)} (scripts/setup.sh installs them)" if missing else None
