@@ -37,10 +37,10 @@ class CallbackModule(CallbackBase):
         return self.hosts[host]
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
-        inventory = play.get_variable_manager()._inventory
-        for host in inventory.get_hosts(play.hosts):
-            if host.name != "localhost" and "airgap_servers" in [g.name for g in host.get_groups()]:
-                self._entry(host.name)
+        # the whole group, not the play's hosts: with `serial` those are only the current batch
+        group = play.get_variable_manager()._inventory.groups.get("airgap_servers")
+        for host in group.get_hosts() if group is not None else []:
+            self._entry(host.name)
 
     def v2_runner_on_ok(self, result: Any) -> None:
         host = result.host.get_name()
