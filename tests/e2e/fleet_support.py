@@ -3,8 +3,12 @@ sshd (Debian's openssh-server, private config, a key the test made, no systemd) 
 and run folder on the shared file system. The controller (this process's namespace) runs the real
 `ansible-playbook` against them over SSH; HAProxy, started by the playbook, runs here on 127.0.0.1.
 
-Everything made here is torn down by `Fleet.close()`: the processes in each namespace, the namespaces (and
-with them the veth links), tmpfs mounts, HAProxy, SSH control masters.
+Everything a fleet makes is named after it: namespaces `agft<PID>h<N>` (PID: the process that made them) and
+every file under a root folder whose name starts with `agft<PID>`. `Fleet.close()` (run from `fleet_session`, also
+on Ctrl-C and SIGTERM) kills the processes in those namespaces (`ip netns pids`), the ones outside whose command
+line names the root (HAProxy, SSH control masters), and deletes the namespaces, and with them the veth links and
+the tmpfs mounts of their private mount namespaces. `remove_stale()` does the same for fleets whose process is
+gone (a run killed with SIGKILL), before a new fleet starts.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,9 @@ PLAYBOOKS = REPO / "deploy" / "ansible"
 SSHD = "/usr/sbin/sshd"
 HAPROXY = "/usr/sbin/haproxy"
 API_KEY = "fleet-test-key-0123456789abcdef"
+# namespaces, links and the root folder of a fleet start with this and the maker's pid (links: 15 characters)
+NAME_PREFIX = "agft"
+STALE_NETNS = re.compile(rf"^{NAME_PREFIX}(\d+)h\d+$")
 
 
 def run(*command: str | Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -111,11 +119,16 @@ class PlaybookRun:
         return found
 
 
+def fleet_root_name() -> str:
+    """The first part of a fleet's root folder name: every process it leaves outside a namespace names it."""
+    return f"{NAME_PREFIX}{os.getpid()}"
+
+
 @dataclass
 class Fleet:
     root: Path
     count: int
-    tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}")
+    tag: str = field(default_factory=lambda: str(os.getpid()))
     hosts: list[TestHost] = field(default_factory=list)
     lb_port: int = 0
     mounts: list[Path] = field(default_factory=list)
@@ -133,6 +146,7 @@ class Fleet:
         return self.root / "cp"
 
     def start(self) -> Fleet:
+        remove_stale()
         for folder in (self.lb_dir, self.control_dir, self.root / "ansible"):
             folder.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
@@ -146,9 +160,9 @@ class Fleet:
 
     def add_host(self, index: int, *, sshd: bool) -> TestHost:
         """A namespace with its own /30 link; with sshd, a host Ansible can reach, else an unreachable one."""
-        netns = f"ag{self.tag}h{index}"
-        outer, inner = f"ag{self.tag}h{index}o", f"ag{self.tag}h{index}i"
-        net = f"10.{200 + int(self.tag) % 50}.{index}"
+        netns = f"{NAME_PREFIX}{self.tag}h{index}"
+        outer, inner = f"{netns}o", f"{netns}i"
+        net = f"10.{200 + int(self.tag) % 50}.{index + 10 * (int(self.tag) // 50 % 20)}"
         host = TestHost(name=f"h{index}", index=index, netns=netns, address=f"{net}.2", root=self.root / f"h{index}")
         host.root.mkdir(parents=True, exist_ok=True)
         run("ip", "netns", "add", netns)
@@ -266,24 +280,86 @@ class Fleet:
     # ------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        for staging in list(self.mounts):
-            host = next(h for h in self.hosts if staging.is_relative_to(h.root))
-            if host.sshd is not None and host.sshd.poll() is None:
-                run("nsenter", "-t", str(host.sshd.pid), "-m", "umount", "-l", staging, check=False)
-        pidfile = self.lb_dir / "haproxy.pid"
-        if pidfile.exists():
-            for pid in pidfile.read_text().split():
-                _kill(int(pid))
+        """Tear down everything this fleet made; safe to call twice and after a half-done start."""
+        tear_down(self.tag, self.root)
         for host in self.hosts:
-            if self.client_key.exists():
-                run("ssh", "-o", f"ControlPath={self.control_dir}/%C", "-O", "exit", f"root@{host.address}",
-                    check=False, timeout=10)
-            pids = run("ip", "netns", "pids", host.netns, check=False).stdout.split()
-            for pid in pids:
-                _kill(int(pid))
             if host.sshd is not None:
-                host.sshd.wait(10)
-            run("ip", "netns", "del", host.netns, check=False)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    host.sshd.wait(5)
+        self.mounts.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"python" in cmdline  # a reused pid of some other program does not keep a fleet alive
+
+
+def _pids_naming(marker: str) -> list[int]:
+    """Processes of this namespace (HAProxy, ssh control masters) whose command line names `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def tear_down(tag: str, root: Path | None) -> None:
+    """Kill every process of fleet `tag` (in its namespaces, and outside those naming its root), delete the
+    namespaces. Each step goes on when one before failed: a teardown that stops halfway leaks."""
+    names = [n.split()[0] for n in run("ip", "netns", "list", check=False).stdout.splitlines() if n.strip()]
+    mine = [n for n in names if (m := STALE_NETNS.match(n)) and m.group(1) == tag]
+    markers = [str(root)] if root is not None else []
+    markers.append(f"/{NAME_PREFIX}{tag}-")
+    for _ in range(3):  # a supervisor may start a new child while its siblings die
+        pids = {int(p) for n in mine for p in run("ip", "netns", "pids", n, check=False).stdout.split()}
+        pids.update(p for marker in markers for p in _pids_naming(marker))
+        if not pids:
+            break
+        for pid in pids:
+            _kill(pid)
+        time.sleep(0.2)
+    for name in mine:
+        run("ip", "netns", "del", name, check=False)
+
+
+def remove_stale() -> list[str]:
+    """Tear down the fleets of processes that are gone (killed before their teardown ran); their tags."""
+    names = [n.split()[0] for n in run("ip", "netns", "list", check=False).stdout.splitlines() if n.strip()]
+    tags = sorted({m.group(1) for n in names if (m := STALE_NETNS.match(n)) and not _alive(int(m.group(1)))})
+    for proc in Path("/proc").iterdir():  # left-overs outside a namespace, e.g. a fleet whose namespaces are gone
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                found = re.search(rb"/" + NAME_PREFIX.encode() + rb"(\d+)-", (proc / "cmdline").read_bytes())
+                if found and not _alive(int(found.group(1))) and found.group(1).decode() not in tags:
+                    tags.append(found.group(1).decode())
+    for tag in tags:
+        tear_down(tag, None)
+    return tags
+
+
+@contextlib.contextmanager
+def torn_down_on_signals(close: Callable[[], None]) -> Iterator[None]:
+    """Run `close` however the block ends: normally, by an exception, by Ctrl-C, or by SIGTERM/SIGHUP (a
+    timeout's kill), which are turned into KeyboardInterrupt so that the unwinding runs."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        try:
+            close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _kill(pid: int) -> None:
@@ -352,6 +428,16 @@ def prefix_snapshot(host: TestHost) -> tuple[Any, ...]:
         tuple(sorted(p.name for p in trust.iterdir())) if trust.is_dir() else (),
         tuple(sorted(p.name for p in (prefix / "versions").iterdir())) if (prefix / "versions").is_dir() else (),
     )
+
+
+@contextlib.contextmanager
+def fleet_session(parent: Path, count: int) -> Iterator[Fleet]:
+    """A started fleet of `count` hosts under a new folder in `parent`, torn down however the block ends."""
+    parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=fleet_root_name() + "-", dir=parent))
+    made = Fleet(root, count=count)
+    with torn_down_on_signals(made.close):
+        yield made.start()
 
 
 def have_tools() -> str | None:

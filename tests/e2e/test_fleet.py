@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import KeyPair
-from tests.e2e.fleet_support import Fleet, Load, chat, have_tools, prefix_snapshot
+from tests.e2e.fleet_support import Fleet, Load, chat, fleet_session, have_tools, prefix_snapshot
 from tests.e2e.serve_support import write_tiny_gguf
 from tests.support import airgap
 
@@ -72,11 +72,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, keys: Ke
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    made = Fleet(tmp_path_factory.mktemp("fleet"), count=3)
-    try:
-        yield made.start()
-    finally:
-        made.close()
+    with fleet_session(tmp_path_factory.getbasetemp(), count=3) as made:
+        yield made
 
 
 def rollout(fleet: Fleet, bundle: Path, keys: KeyPair, inventory: Path | None = None, **extra: object) -> object:
