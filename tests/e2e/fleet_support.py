@@ -30,11 +30,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO
+from tests.support import REPO, airgap
 
 PLAYBOOKS = REPO / "deploy" / "ansible"
 SSHD = "/usr/sbin/sshd"
@@ -108,6 +109,17 @@ class PlaybookRun:
 
     def outcome(self, host: str) -> dict[str, Any]:
         return next(entry for entry in self.report if entry["host"] == host)
+
+    def task_results(self, task: str) -> list[str]:
+        """The result lines ('ok: [h2] => ...', 'changed: [h3] ...') under every header of the task named `task`
+        (one per batch)."""
+        lines: list[str] = []
+        blocks = re.split(r"^TASK \[", self.output, flags=re.MULTILINE)
+        for block in blocks[1:]:
+            header, _, body = block.partition("\n")
+            if header.split("]", 1)[0].split(" : ", 1)[-1].startswith(task):
+                lines += [line for line in body.splitlines() if re.match(r"^(ok|changed|failed|skipping): ", line)]
+        return lines
 
     def recap(self) -> dict[str, dict[str, int]]:
         """PLAY RECAP counters per host: {'h1': {'ok': 9, 'changed': 0, ...}}."""
@@ -222,7 +234,9 @@ class Fleet:
 
     # ------------------------------------------------------------ ansible
 
-    def inventory(self, hosts: Sequence[TestHost] | None = None, *, health_timeout: int = 60) -> Path:
+    def inventory(self, hosts: Sequence[TestHost] | None = None, *, health_timeout: int = 60,
+                  lb: bool = True) -> Path:
+        """An inventory of `hosts` (default: all), with the load balancer in front unless `lb` is false."""
         chosen = list(self.hosts if hosts is None else hosts)
         data = {
             "all": {
@@ -237,12 +251,14 @@ class Fleet:
                         "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
                         "airgap_lb_dir": str(self.lb_dir), "airgap_lb_socket": str(self.lb_dir / "admin.sock"),
                         "airgap_lb_bind": f"127.0.0.1:{self.lb_port}", "airgap_lb_manager": "supervised",
-                        "airgap_lb_check_inter": "250ms", "airgap_lb_check_rise": 1, "airgap_lb_check_fall": 1,
+                        "airgap_lb_check_inter": "500ms", "airgap_lb_check_rise": 1, "airgap_lb_check_fall": 1,
                     }}},
                 },
             }
         }
-        path = self.root / f"inventory-{len(chosen)}.yml"
+        if not lb:
+            del data["all"]["children"]["airgap_lb"]
+        path = self.root / f"inventory-{'-'.join(h.name for h in chosen)}{'' if lb else '-no-lb'}.yml"
         path.write_text(json.dumps(data, indent=2))
         return path
 
@@ -253,7 +269,7 @@ class Fleet:
         env = {**os.environ, "ANSIBLE_HOME": str(self.root / "ansible"), "ANSIBLE_HOST_KEY_CHECKING": "False",
                "ANSIBLE_PIPELINING": "True", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir), "ANSIBLE_LOCAL_TEMP": str(self.root / "atmp"),
-               "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=/dev/null",
+               "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=600s -o UserKnownHostsFile=/dev/null",
                "ANSIBLE_DEPRECATION_WARNINGS": "False", "ANSIBLE_FORKS": "10", "AIRGAP_ROLLOUT_REPORT": str(report),
                "ANSIBLE_CONFIG": str(self.root / "no-ansible.cfg")}
         command = [f"{sys.prefix}/bin/ansible-playbook", "-i", str(inventory), str(PLAYBOOKS / name)]
@@ -355,6 +371,8 @@ def torn_down_on_signals(close: Callable[[], None]) -> Iterator[None]:
     try:
         yield
     finally:
+        for sig in previous:  # a second signal must not cut the teardown short
+            signal.signal(sig, signal.SIG_IGN)
         try:
             close()
         finally:
@@ -375,7 +393,7 @@ def _free_port() -> int:
 
 def chat(base_url: str, timeout: float = 30) -> tuple[int, str]:
     """(HTTP status, X-Airgap-Server header) of one chat completion; (0, '') when nothing answered."""
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
     request = urllib.request.Request(base_url + "/v1/chat/completions", data=body, headers={
         "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     try:
@@ -391,8 +409,9 @@ def chat(base_url: str, timeout: float = 30) -> tuple[int, str]:
 class Load:
     """Chat completions against the load balancer, back to back from `workers` threads, while a rollout runs."""
 
-    def __init__(self, url: str, workers: int = 2) -> None:
+    def __init__(self, url: str, workers: int = 2, pause: float = 0.2) -> None:
         self.url = url
+        self.pause = pause  # between a worker's requests: a steady stream that leaves the CPUs to the rollout
         self.results: list[tuple[int, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(workers)]
@@ -400,7 +419,7 @@ class Load:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.results.append(chat(self.url))
-            time.sleep(0.02)
+            time.sleep(self.pause)
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -438,6 +457,69 @@ def fleet_session(parent: Path, count: int) -> Iterator[Fleet]:
     made = Fleet(root, count=count)
     with torn_down_on_signals(made.close):
         yield made.start()
+
+
+# ------------------------------------------------------------ bundles
+
+@dataclass(frozen=True)
+class Bundles:
+    v1: Path
+    v2: Path  # an update drop on top of v1
+    broken: Path  # a drop on top of v1 (installable once v1 is) whose model llama.cpp cannot load
+    tampered: Path  # v2 with one byte of its model changed
+    public_key: Path
+
+
+def write_broken_gguf(path: Path) -> Path:
+    """The tiny model with one tensor of the wrong shape: a valid GGUF header, a model llama.cpp refuses."""
+    from tests.e2e.serve_support import write_tiny_gguf
+
+    write_tiny_gguf(path, seed=7)
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    tensor.field.parts[3][0] = 32  # first dimension 64 -> 32 (the data is left as it was)
+    reader.data.flush()
+    return path
+
+
+def build_bundle(folder: Path, version: str, model: Path, *, wheelhouse: Path, private_key: Path,
+                 base: Path | None = None, lock: Path | None = None) -> Path:
+    """`airgap build` of bundle "fleet" VERSION: the model and llama-cpp-python[server] (from the wheel cache);
+    with `lock`, that resolution is reused (one pip resolution for all the fleet's bundles)."""
+    spec = folder / f"fleet-{version}.toml"
+    spec.write_text(
+        f'[bundle]\nname = "fleet"\nversion = "{version}"\n\n[[models]]\nid = "tiny"\npath = "{model}"\n\n'
+        f'[python]\nrequirements = ["llama-cpp-python[server]==0.3.36"]\nfind_links = ["{wheelhouse}"]\n')
+    if lock is not None:
+        shutil.copyfile(lock, spec.with_name(spec.name + ".lock"))
+    args = ["build", spec, "--key", private_key, "-o", folder / version, "-q", *(["--base", base] if base else [])]
+    built = airgap(*args, timeout=3600)
+    assert built.code == 0, built.stderr[-3000:]
+    return Path(built.stdout.split()[-1])
+
+
+def build_bundles(folder: Path, *, wheelhouse: Path, private_key: Path, public_key: Path) -> Bundles:
+    """1.0.0, then its drops 1.1.0 and 1.2.0 (broken) side by side, and 1.1.0 with one byte flipped."""
+    from tests.e2e.serve_support import write_tiny_gguf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    v1 = build_bundle(folder, "1.0.0", write_tiny_gguf(folder / "m1.gguf", seed=1), wheelhouse=wheelhouse,
+                      private_key=private_key)
+    lock = folder / "fleet-1.0.0.toml.lock"
+    with ThreadPoolExecutor(2) as pool:
+        v2 = pool.submit(build_bundle, folder, "1.1.0", write_tiny_gguf(folder / "m2.gguf", seed=2),
+                         wheelhouse=wheelhouse, private_key=private_key, base=v1, lock=lock)
+        broken = pool.submit(build_bundle, folder, "1.2.0", write_broken_gguf(folder / "m3.gguf"),
+                             wheelhouse=wheelhouse, private_key=private_key, base=v1, lock=lock)
+        v2_path, broken_path = v2.result(), broken.result()
+    data = bytearray(v2_path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the model, the one big member of this drop
+    tampered = folder / "tampered" / v2_path.name
+    tampered.parent.mkdir()
+    tampered.write_bytes(bytes(data))
+    return Bundles(v1, v2_path, broken_path, tampered, public_key)
 
 
 def have_tools() -> str | None:

@@ -10,64 +10,34 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import KeyPair
-from tests.e2e.fleet_support import Fleet, Load, chat, fleet_session, have_tools, prefix_snapshot
-from tests.e2e.serve_support import write_tiny_gguf
-from tests.support import airgap
+from tests.conftest import KeyPair, make_keys
+from tests.e2e.fleet_support import (
+    Bundles,
+    Fleet,
+    Load,
+    PlaybookRun,
+    build_bundles,
+    chat,
+    fleet_session,
+    have_tools,
+    prefix_snapshot,
+)
+
+# the canary alone, then the other two side by side (the cases that count hosts "not reached" use the default:
+# one host at a time)
+CANARY_THEN_THE_REST = [1, 2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(have_tools() is not None, reason=str(have_tools()))]
 
 
-@dataclass(frozen=True)
-class Bundles:
-    v1: Path
-    v2: Path  # an update drop on top of v1
-    broken: Path  # a drop on top of v2 whose model llama.cpp cannot load
-    tampered: Path  # v2 with one byte of its model changed
-    keys: KeyPair
-
-
-def write_broken_gguf(path: Path) -> Path:
-    """The tiny model with one tensor of the wrong shape: a valid GGUF header, a model llama.cpp refuses."""
-    write_tiny_gguf(path, seed=7)
-    import gguf
-
-    reader = gguf.GGUFReader(str(path), "r+")
-    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
-    tensor.field.parts[3][0] = 32  # first dimension 64 -> 32 (the data is left as it was)
-    reader.data.flush()
-    return path
-
-
-def _build(spec: Path, version: str, model: Path, wheelhouse: Path, keys: KeyPair, out: Path,
-           base: Path | None = None) -> Path:
-    spec.write_text(
-        f'[bundle]\nname = "fleet"\nversion = "{version}"\n\n[[models]]\nid = "tiny"\npath = "{model}"\n\n'
-        f'[python]\nrequirements = ["llama-cpp-python[server]==0.3.36"]\nfind_links = ["{wheelhouse}"]\n')
-    args = ["build", spec, "--key", keys.private, "-o", out, "-q", *(["--base", base] if base else [])]
-    built = airgap(*args, timeout=3600)
-    assert built.code == 0, built.stderr[-3000:]
-    return Path(built.stdout.split()[-1])
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, keys: KeyPair) -> Bundles:
-    folder = tmp_path_factory.mktemp("fleet-bundles")
-    spec = folder / "fleet.toml"
-    v1 = _build(spec, "1.0.0", write_tiny_gguf(folder / "m1.gguf", seed=1), wheelhouse, keys, folder / "v1")
-    v2 = _build(spec, "1.1.0", write_tiny_gguf(folder / "m2.gguf", seed=2), wheelhouse, keys, folder / "v2", v1)
-    broken = _build(spec, "1.2.0", write_broken_gguf(folder / "m3.gguf"), wheelhouse, keys, folder / "v3", v2)
-    data = bytearray(v2.read_bytes())
-    data[len(data) // 2] ^= 0x01  # inside the model, the one big member of this drop
-    tampered = folder / "tampered" / v2.name
-    tampered.parent.mkdir()
-    tampered.write_bytes(bytes(data))
-    return Bundles(v1, v2, broken, tampered, keys)
+    return build_bundles(tmp_path_factory.mktemp("fleet-bundles"), wheelhouse=wheelhouse, private_key=keys.private,
+                         public_key=keys.public)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +46,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield made
 
 
-def rollout(fleet: Fleet, bundle: Path, keys: KeyPair, inventory: Path | None = None, **extra: object) -> object:
+def rollout(fleet: Fleet, bundle: Path, public_key: Path, inventory: Path | None = None,
+            **extra: object) -> PlaybookRun:
     run = fleet.playbook("rollout.yml", inventory or fleet.inventory(),
-                         {"airgap_bundle": str(bundle), "airgap_trust": str(keys.public), **extra})
+                         {"airgap_bundle": str(bundle), "airgap_trust": str(public_key), **extra})
     print(run.output[-6000:])
     return run
 
@@ -94,7 +65,7 @@ def fleet_table(fleet: Fleet, inventory: Path) -> dict[str, object]:
 def test_first_rollout_installs_airgap_from_the_bundle_and_serves_behind_the_lb(fleet: Fleet, bundles: Bundles
                                                                                  ) -> None:
     assert not any(h.tool.exists() for h in fleet.hosts)
-    run = rollout(fleet, bundles.v1, bundles.keys)
+    run = rollout(fleet, bundles.v1, bundles.public_key, airgap_serial=CANARY_THEN_THE_REST)
     assert run.code == 0, run.output[-4000:]
     for host in fleet.hosts:
         assert run.outcome(host.name)["outcome"] == "updated"
@@ -107,7 +78,7 @@ def test_first_rollout_installs_airgap_from_the_bundle_and_serves_behind_the_lb(
 
 
 def test_a_rerun_on_an_up_to_date_fleet_changes_nothing(fleet: Fleet, bundles: Bundles) -> None:
-    run = rollout(fleet, bundles.v1, bundles.keys)
+    run = rollout(fleet, bundles.v1, bundles.public_key, airgap_serial=CANARY_THEN_THE_REST)
     assert run.code == 0, run.output[-4000:]
     recap = run.recap()
     assert set(recap) == {"localhost", "lb", "h1", "h2", "h3"}
@@ -117,7 +88,7 @@ def test_a_rerun_on_an_up_to_date_fleet_changes_nothing(fleet: Fleet, bundles: B
 
 def test_a_tampered_bundle_is_refused_on_the_canary_and_nothing_changes(fleet: Fleet, bundles: Bundles) -> None:
     before = [prefix_snapshot(h) for h in fleet.hosts]
-    run = rollout(fleet, bundles.tampered, bundles.keys)
+    run = rollout(fleet, bundles.tampered, bundles.public_key)
     assert run.code != 0
     canary = run.outcome("h1")
     assert canary["outcome"] == "failed" and "h1 refused the bundle, nothing changed" in canary["reason"]
@@ -135,7 +106,7 @@ def test_a_host_whose_disk_fills_fails_keeps_serving_and_the_rollout_stops(fleet
     h1, h2, h3 = fleet.hosts
     fleet.fill_disk(h2)
     try:
-        run = rollout(fleet, bundles.v2, bundles.keys)
+        run = rollout(fleet, bundles.v2, bundles.public_key)
     finally:
         fleet.free_disk(h2)
     assert run.code != 0
@@ -151,12 +122,16 @@ def test_a_host_whose_disk_fills_fails_keeps_serving_and_the_rollout_stops(fleet
 
 def test_a_rolling_update_behind_the_lb_loses_no_request(fleet: Fleet, bundles: Bundles) -> None:
     with Load(fleet.lb_url) as load:
-        run = rollout(fleet, bundles.v2, bundles.keys)
+        run = rollout(fleet, bundles.v2, bundles.public_key)
     assert run.code == 0, run.output[-4000:]
     assert [run.outcome(h.name)["outcome"] for h in fleet.hosts] == ["unchanged", "updated", "updated"]
     assert all(h.active_version() == "1.1.0" for h in fleet.hosts)
     print(f"rolling update of 2 hosts: {len(load.results)} requests, {load.lost} lost, {run.seconds:.1f} s")
     assert len(load.results) >= 20 and load.lost == 0
+    # h2 got 1.1.0's volumes in the rollout its full disk stopped: they are not copied again
+    copies = run.task_results("Copy the bundle's volumes")
+    assert [line.split(" =>")[0] for line in copies if "[h2]" in line] == ["ok: [h2]"] * 2, copies
+    assert [line.split(" =>")[0] for line in copies if "[h3]" in line] == ["changed: [h3]"] * 2, copies
     view = fleet_table(fleet, fleet.inventory())["json"]
     assert view["common"] == "fleet 1.1.0" and view["differing"] == []
 
@@ -166,7 +141,7 @@ def test_a_version_that_fails_its_health_check_is_rolled_back_and_never_got_traf
     h1 = fleet.hosts[0]
     before = {name: dict(row) for name, row in fleet.lb_stats().items()}
     with Load(fleet.lb_url) as load:
-        run = rollout(fleet, bundles.broken, bundles.keys, inventory=fleet.inventory(health_timeout=20))
+        run = rollout(fleet, bundles.broken, bundles.public_key, inventory=fleet.inventory(health_timeout=20))
     assert run.code != 0
     failed = run.outcome("h1")
     assert failed["outcome"] == "failed" and "rolled back to fleet 1.1.0" in failed["reason"], failed
@@ -186,7 +161,7 @@ def test_an_unreachable_host_is_named_in_the_reports(fleet: Fleet, bundles: Bund
     ghost = fleet.add_host(4, sshd=False)
     fleet.hosts.append(ghost)
     inventory = fleet.inventory()
-    run = rollout(fleet, bundles.v2, bundles.keys, inventory=inventory)
+    run = rollout(fleet, bundles.v2, bundles.public_key, inventory=inventory)
     assert run.code != 0
     assert [run.outcome(h)["outcome"] for h in ("h1", "h2", "h3")] == ["unchanged"] * 3
     assert run.outcome("h4")["outcome"] == "unreachable", run.report
@@ -197,3 +172,18 @@ def test_an_unreachable_host_is_named_in_the_reports(fleet: Fleet, bundles: Bund
     ghost_row = next(h for h in view["hosts"] if h["host"] == "h4")
     assert ghost_row["error"].startswith("unreachable") and ghost_row["version"] is None
     assert all(h["version"] == "1.1.0" for h in view["hosts"] if h["host"] != "h4")
+
+
+def test_a_bundle_not_signed_by_the_trusted_key_is_refused_before_airgap_is_installed(
+        fleet: Fleet, bundles: Bundles, tmp_path: Path) -> None:
+    fresh = fleet.add_host(5, sshd=True)
+    fleet.hosts.append(fresh)
+    other = make_keys(tmp_path, "other")
+    run = rollout(fleet, bundles.v1, other.public, inventory=fleet.inventory([fresh], lb=False))
+    assert run.code != 0
+    refused = run.outcome("h5")
+    assert refused["outcome"] == "failed", refused
+    assert "h5 refused the bundle before installing airgap, nothing changed" in refused["reason"], refused
+    assert "expected manifest.json signed by the release key" in refused["reason"], refused
+    assert not fresh.tool.exists() and not fresh.prefix.exists()
+    assert not (fresh.incoming / hashlib.sha256(bundles.v1.read_bytes()).hexdigest()).exists()

@@ -74,7 +74,7 @@ def main() -> None:
         module.fail_json(msg=f"{base}/v1/models: expected 200 with a model, found {status}: {body[:200]!r}",
                          healthy=True)
     status, body = _request(base + "/v1/chat/completions", key, timeout, {
-        "model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 4})
+        "model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1})
     try:
         reply = json.loads(body) if status == 200 else {}
         content = reply["choices"][0]["message"]["content"]
