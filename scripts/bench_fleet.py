@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             first = fleet.playbook("rollout.yml", fleet.inventory(), {"airgap_bundle": str(v1), **extra})
             if first.code != 0:
                 raise SystemExit(f"the rollout failed:\n{first.output[-4000:]}")
-            print(f"  {first.seconds:.1f} s", flush=True)
+            print(f"  {first.seconds:.1f} s; slowest tasks:", flush=True)
+            for row in first.profile[:10]:
+                print(f"    {row['seconds']:7.1f} s  {row['task']}", flush=True)
             print("rolling update to 1.1.0 with two clients sending through HAProxy...", flush=True)
             with Load(fleet.lb_url) as load:
                 update = fleet.playbook("rollout.yml", fleet.inventory(), {"airgap_bundle": str(v2), **extra})
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "update_served_by": served_by,
         "load_average_before": [round(x, 1) for x in load_before],
         "load_average_after": [round(x, 1) for x in os.getloadavg()], "cpus": os.cpu_count(),
+        "rollout_tasks": first.profile,
         "seconds": {"ansible_rollout": round(first.seconds, 1), "by_hand": round(manual_s, 1),
                     "ansible_update": round(update.seconds, 1)},
     }

@@ -106,6 +106,7 @@ class PlaybookRun:
     output: str
     report: list[dict[str, Any]]
     seconds: float
+    profile: list[dict[str, Any]] = field(default_factory=list)  # seconds per task, slowest first
 
     def outcome(self, host: str) -> dict[str, Any]:
         return next(entry for entry in self.report if entry["host"] == host)
@@ -264,13 +265,15 @@ class Fleet:
 
     def playbook(self, name: str, inventory: Path, extra: dict[str, Any] | None = None,
                  timeout: float = 600) -> PlaybookRun:
-        report = self.root / "rollout-report.json"
+        report, profile = self.root / "rollout-report.json", self.root / "rollout-profile.json"
         report.unlink(missing_ok=True)
+        profile.unlink(missing_ok=True)
         env = {**os.environ, "ANSIBLE_HOME": str(self.root / "ansible"), "ANSIBLE_HOST_KEY_CHECKING": "False",
                "ANSIBLE_PIPELINING": "True", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "False",
                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.control_dir), "ANSIBLE_LOCAL_TEMP": str(self.root / "atmp"),
                "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=600s -o UserKnownHostsFile=/dev/null",
                "ANSIBLE_DEPRECATION_WARNINGS": "False", "ANSIBLE_FORKS": "10", "AIRGAP_ROLLOUT_REPORT": str(report),
+               "AIRGAP_ROLLOUT_PROFILE": str(profile),
                "ANSIBLE_CONFIG": str(self.root / "no-ansible.cfg")}
         command = [f"{sys.prefix}/bin/ansible-playbook", "-i", str(inventory), str(PLAYBOOKS / name)]
         if extra:
@@ -280,7 +283,8 @@ class Fleet:
                               check=False)
         seconds = time.monotonic() - started
         entries = json.loads(report.read_text()) if report.exists() else []
-        return PlaybookRun(done.returncode, done.stdout + done.stderr, entries, seconds)
+        tasks = json.loads(profile.read_text()) if profile.exists() else []
+        return PlaybookRun(done.returncode, done.stdout + done.stderr, entries, seconds, tasks)
 
     # ------------------------------------------------------------ load balancer
 

@@ -1,10 +1,12 @@
 """Ansible callback: at the end of a rollout, one line per host (updated, unchanged, failed and why,
-unreachable, not reached) and, with AIRGAP_ROLLOUT_REPORT=FILE, the same as JSON."""
+unreachable, not reached) and, with AIRGAP_ROLLOUT_REPORT=FILE, the same as JSON. With
+AIRGAP_ROLLOUT_PROFILE=FILE, the seconds each task took (summed over hosts and batches), slowest first."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from ansible.plugins.callback import CallbackBase
@@ -17,6 +19,7 @@ description: Prints which hosts were updated, left unchanged, failed (with the r
 """
 
 REPORT_ENV = "AIRGAP_ROLLOUT_REPORT"
+PROFILE_ENV = "AIRGAP_ROLLOUT_PROFILE"
 
 
 class CallbackModule(CallbackBase):
@@ -29,6 +32,18 @@ class CallbackModule(CallbackBase):
         super().__init__()
         self.hosts: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
+        self.task_started: tuple[str, float] | None = None
+        self.task_seconds: dict[str, float] = {}
+
+    def _close_task(self) -> None:
+        if self.task_started is not None:
+            name, started = self.task_started
+            self.task_seconds[name] = self.task_seconds.get(name, 0.0) + time.monotonic() - started
+            self.task_started = None
+
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
+        self._close_task()
+        self.task_started = (task.get_name(), time.monotonic())
 
     def _entry(self, host: str) -> dict[str, Any]:
         if host not in self.hosts:
@@ -67,6 +82,13 @@ class CallbackModule(CallbackBase):
             self.hosts[host].update(outcome="unreachable", reason=str(result.result.get("msg", "")).strip())
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
+        self._close_task()
+        profile = os.environ.get(PROFILE_ENV)
+        if profile:
+            with open(profile, "w", encoding="utf-8") as handle:
+                slowest = sorted(self.task_seconds.items(), key=lambda item: -item[1])
+                json.dump([{"task": name, "seconds": round(seconds, 2)} for name, seconds in slowest], handle,
+                          indent=2)
         if not self.order:
             return
         self._display.banner("AIRGAP ROLLOUT")
