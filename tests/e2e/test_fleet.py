@@ -1,7 +1,8 @@
 """The Ansible rollout against three test hosts (network namespaces with their own sshd and prefix) behind
 HAProxy: a full rollout, an idempotent re-run, a tampered bundle, a disk that fills, a rolling update under
-load, a version that fails its health check, an unreachable host. The cases run in order on one fleet and one
-set of bundles (built once by the real `airgap build`, llama-cpp-python[server] from the wheel cache)."""
+load, a version that fails its health check, an unreachable host, a bundle not signed by the trusted key on a
+host without airgap. The cases run in order on one fleet and one set of bundles (built once by the real
+`airgap build` with one pip resolution, llama-cpp-python[server] from the wheel cache)."""
 
 from __future__ import annotations
 
