@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fleet benchmark: the Ansible rollout against the same steps done by hand, and requests lost while it rolls.
 
-    sudo python scripts/bench_fleet.py [--hosts 3] [--serial 1] [--json fleet.json]
+    .venv/bin/python scripts/bench_fleet.py [--hosts 3] [--serial 1] [--json fleet.json]   # as root
 
 It makes the test hosts of tests/e2e/test_fleet.py (network namespaces with their own veth link, address,
 sshd and prefix; tests/e2e/fleet_support.py) and two real bundles (`airgap build`: a tiny model with
