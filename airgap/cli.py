@@ -622,6 +622,18 @@ def audit_verify(prefix: Path, as_json: bool) -> None:
           + (f"; a torn last line of {report.torn_bytes} bytes is not a record" if report.torn_bytes else ""))
 
 
+@main.command("fleet-report")
+@click.argument("folder", type=click.Path(path_type=Path))
+@json_option
+def fleet_report(folder: Path, as_json: bool) -> None:
+    """One table of many hosts' `airgap status --json` (gathered by deploy/ansible/fleet.yml into FOLDER)."""
+    from airgap.fleet import read_fleet, render_table
+
+    view = read_fleet(folder)
+    _emit(as_json, {"hosts": [asdict(h) for h in view.hosts], "common": view.common,
+                    "differing": list(view.differing)}, render_table(view))
+
+
 # ---------------------------------------------------------------- serving
 
 def plan_options(func: F) -> F:

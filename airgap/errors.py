@@ -89,3 +89,7 @@ class ProbeError(AirgapError):
 
 class FitError(AirgapError):
     """A model cannot fit the target host's memory even at the smallest context; nothing was downloaded."""
+
+
+class FleetError(AirgapError):
+    """A fleet report's input (one host's gathered status) is missing or malformed."""

@@ -35,7 +35,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "serve": {"format", "prefix", "host", "plan", "templates"},
     "build": {"format", "trust", "streams", "bundle", "progress", "host", "plan", "target"},
     "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "probe", "host", "target", "plan", "serve",
-            "build", "progress", "templates"},
+            "build", "fleet", "progress", "templates"},
+    "fleet": set(),  # the fleet view: gathered `status --json` documents in, one table out
     "__main__": {"cli"},
 }
 OWNERS = {"cryptography": ("trust",), "huggingface_hub": ("build/sources/hf.py",),
