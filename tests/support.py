@@ -39,6 +39,31 @@ def airgap(*args: str | Path, no_network: bool = False, env: dict[str, str] | No
     return Result(done.returncode, done.stdout, done.stderr)
 
 
+def assert_refused(result: Result, *fragments: str) -> None:
+    """One line on stderr, `airgap: error: ...` holding each fragment, and a non-zero exit."""
+    assert result.code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("airgap: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+PrefixSnapshot = tuple[str, bytes, list[str]]
+
+
+def snapshot(prefix: Path) -> PrefixSnapshot:
+    """What must not change when an install is refused: the active link, the state, the tree."""
+    tree = sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if ".lock" not in p.name)
+    return os.readlink(prefix / "current"), (prefix / "state.json").read_bytes(), tree
+
+
+def assert_still_works(prefix: Path, before: PrefixSnapshot) -> None:
+    """Nothing changed under `prefix`, and the active version's airgap still runs."""
+    assert snapshot(prefix) == before
+    subprocess.run([prefix / "current" / "venv" / "bin" / "airgap", "--version"], check=True, capture_output=True)
+
+
 def write_spec(folder: Path, *, name: str = "tiny-chat", version: str = "1.0.0", model: Path,
                wheelhouse: Path, requirements: tuple[str, ...] = (), extra: str = "") -> Path:
     spec = folder / f"{name}-{version}.toml"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,16 +20,7 @@ from airgap.trust.roots import ROOT_PAYLOAD_TYPE, Role, new_root
 from airgap.trust.signing import Envelope, encode_signatures, sign_envelope
 from tests.conftest import Built, make_keys
 from tests.e2e.serve_support import make_installed_prefix
-from tests.support import Result, airgap, make_test_bundle, write_spec
-
-
-def assert_refused(result: Result, *fragments: str) -> None:
-    assert result.code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("airgap: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from tests.support import airgap, assert_refused, assert_still_works, make_test_bundle, snapshot, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +30,6 @@ def installed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = airgap("install", built.bundle, "--trust", built.keys.public, "--prefix", prefix, "-q")
     assert result.code == 0, result.stderr
     return prefix
-
-
-def snapshot(prefix: Path) -> tuple[str, bytes, list[str]]:
-    tree = sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if ".lock" not in p.name)
-    return os.readlink(prefix / "current"), (prefix / "state.json").read_bytes(), tree
-
-
-def assert_still_works(prefix: Path, before: tuple[str, bytes, list[str]]) -> None:
-    assert snapshot(prefix) == before
-    subprocess.run([prefix / "current" / "venv" / "bin" / "airgap", "--version"], check=True, capture_output=True)
 
 
 def with_manifest(bundle: Path, manifest: bytes, out: Path) -> Path:

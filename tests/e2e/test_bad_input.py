@@ -15,16 +15,7 @@ import pytest
 from airgap.bundle.container import read_head_from_path
 from airgap.trust.signing import encode_signatures
 from tests.conftest import Built, KeyPair, make_keys
-from tests.support import REPO, Result, airgap, offline, write_spec
-
-
-def assert_refused(result: Result, *fragments: str) -> None:
-    assert result.code != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("airgap: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from tests.support import REPO, Result, airgap, assert_refused, assert_still_works, offline, snapshot, write_spec
 
 
 @pytest.fixture
@@ -33,17 +24,6 @@ def installed(built: Built, tmp_path: Path) -> Path:
     result = airgap("install", built.bundle, "--trust", built.keys.public, "--prefix", prefix, "-q")
     assert result.code == 0, result.stderr
     return prefix
-
-
-def snapshot(prefix: Path) -> tuple[str, bytes, list[str]]:
-    """What must not change when an install is refused: the active link, the state, the tree."""
-    tree = sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if ".lock" not in p.name)
-    return os.readlink(prefix / "current"), (prefix / "state.json").read_bytes(), tree
-
-
-def assert_still_works(prefix: Path, before: tuple[str, bytes, list[str]]) -> None:
-    assert snapshot(prefix) == before
-    subprocess.run([prefix / "current" / "venv" / "bin" / "airgap", "--version"], check=True, capture_output=True)
 
 
 def model_offset(bundle: Path) -> int:

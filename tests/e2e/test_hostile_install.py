@@ -21,8 +21,7 @@ from airgap.prefix.install import recover
 from airgap.prefix.state import load_state
 from airgap.trust.keyfiles import read_private_key
 from tests.conftest import Built, KeyPair
-from tests.e2e.test_bad_input import assert_refused
-from tests.support import REPO, Result, airgap, make_test_bundle, write_wheel
+from tests.support import REPO, Result, airgap, assert_refused, make_test_bundle, write_wheel
 
 GGUF = b"GGUF" + bytes(range(256)) * 8
 NOW = datetime.now(UTC).replace(microsecond=0)
