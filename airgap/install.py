@@ -264,7 +264,9 @@ def _check_store(prefix: Path, manifest: Manifest) -> None:
 
 
 def _check_space(prefix: Path, manifest: Manifest) -> None:
-    needed = sum(e.size * (VENV_EXPANSION if e.kind == "wheel" else 1) for e in manifest.carried_files
+    # engine files are stored, then copied into the version (see _place_engine_file): twice their size
+    factor = {"wheel": VENV_EXPANSION, "engine": 2}
+    needed = sum(e.size * factor.get(e.kind, 1) for e in manifest.carried_files
                  if not store_path(prefix, e.sha256).is_file())
     free = shutil.disk_usage(prefix).free
     if needed > free:
@@ -314,7 +316,9 @@ def _assemble(
     shutil.rmtree(gen_dir, ignore_errors=True)
     gen_dir.mkdir(parents=True)
     for entry in manifest.files:
-        if entry.kind != "wheel":
+        if entry.kind == "engine":
+            _place_engine_file(gen_dir / entry.path, store / entry.sha256)
+        elif entry.kind != "wheel":
             _link(gen_dir / entry.path, store / entry.sha256)
     (gen_dir / "manifest.json").write_bytes(head.manifest_bytes)
     _install_wheels(gen_dir, staging, manifest, store, python)
@@ -326,6 +330,14 @@ def _assemble(
         created=format_time(manifest.created), installed_at=format_time(clock), models=models,
         overrides=tuple(overrides),
     )
+
+
+def _place_engine_file(path: Path, blob: Path) -> None:
+    """A private, read-only, executable copy in the version: the store's blobs stay non-executable, so no link
+    written there later (another file with the same bytes) can ever be run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(blob, path)
+    path.chmod(0o555)
 
 
 def _link(link: Path, target: Path) -> None:

@@ -18,9 +18,9 @@ from airgap.errors import FormatError
 FORMAT_VERSION = 1
 MANIFEST_TYPE = "airgap/manifest"  # bound into the signed bytes: a signature over other JSON is not a manifest
 
-FileKind = Literal["model", "wheel", "sdist", "meta"]
+FileKind = Literal["model", "wheel", "sdist", "meta", "engine"]
 Storage = Literal["raw", "zstd", "absent"]
-FILE_KINDS: tuple[FileKind, ...] = ("model", "wheel", "sdist", "meta")
+FILE_KINDS: tuple[FileKind, ...] = ("model", "wheel", "sdist", "meta", "engine")
 STORAGES: tuple[Storage, ...] = ("raw", "zstd", "absent")
 
 _PATH_RE = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
@@ -101,6 +101,7 @@ class ModelEntry:
     id: str
     files: tuple[str, ...]
     gguf: Mapping[str, Any] = field(default_factory=dict)
+    embedding: bool = False  # an embedding model: served on /v1/embeddings
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class Manifest:
                 "manifest_sha256": self.base.manifest_sha256,
             },
             "files": [_file_to_dict(e) for e in self.files],
-            "models": [{"id": m.id, "files": list(m.files), "gguf": dict(m.gguf)} for m in self.models],
+            "models": [{"id": m.id, "files": list(m.files), "gguf": dict(m.gguf),
+                        **({"embedding": True} if m.embedding else {})} for m in self.models],
             "python": {
                 **dict(self.python),
                 "packages": [{"name": p.name, "version": p.version, "path": p.path} for p in self.packages],
@@ -273,7 +275,11 @@ def _parse_model(doc: JsonObject, files: tuple[FileEntry, ...]) -> ModelEntry:
     missing = [p for p in model_files if p not in paths]
     if missing or not model_files:
         raise FormatError(f"model {doc.text('id')!r} names files the manifest does not list: {missing}")
-    return ModelEntry(id=check_name(doc.text("id"), "model id"), files=model_files, gguf=doc.obj("gguf"))
+    embedding = doc.raw.get("embedding", False)
+    if not isinstance(embedding, bool):
+        raise FormatError(f"invalid model {doc.text('id')!r}: 'embedding' must be true or false, found {embedding!r}")
+    return ModelEntry(id=check_name(doc.text("id"), "model id"), files=model_files, gguf=doc.obj("gguf"),
+                      embedding=embedding)
 
 
 def _parse_package(doc: JsonObject, files: tuple[FileEntry, ...]) -> PythonPackage:
