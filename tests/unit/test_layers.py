@@ -14,7 +14,8 @@ from tests.support import REPO
 
 PACKAGE = REPO / "airgap"
 OWNERS = {"huggingface_hub": {"sources/hf.py"}, "click": {"cli.py"}, "jinja2": {"templates.py"},
-          "llama_cpp": {"serve.py", "serve_app.py"}, "gguf": {"sources/gguf_meta.py"}, "zfec": {"parity.py"}}
+          "llama_cpp": {"serve/__init__.py"}, "h11": {"serve/proxy.py"}, "gguf": {"sources/gguf_meta.py"},
+          "zfec": {"parity.py"}}
 OFFLINE = ["airgap.install", "airgap.bundle", "airgap.trust", "airgap.manifest", "airgap.cli"]
 
 
