@@ -102,7 +102,11 @@ def adapt(path: str, document: Mapping[str, Any], models: Mapping[str, ModelLimi
                                    f"embedding = true.", "model_not_embedding", "model")
         if "input" not in body:
             raise ClientError(400, "Field 'input' is required.", "missing_required_parameter", "input")
-        body.pop("encoding_format", None) if body.get("encoding_format") == "float" else None
+        if body.get("encoding_format") not in (None, "float"):
+            raise ClientError(400, f"Field 'encoding_format' must be 'float', found {body['encoding_format']!r:.40}.",
+                              "invalid_value", "encoding_format")
+        body.pop("encoding_format", None)
+        body.pop("output_dtype", None)  # Mistral: float is the only kind served
         return Adapted("/v1/embeddings", body, limits.id, False, False, False)
     if limits.embedding:
         raise ClientError(400, f"Model {limits.id!r} is an embedding model; use /v1/embeddings.",

@@ -152,7 +152,11 @@ class EngineGuard:
                 fim = client_path.endswith("/fim/completions")
                 if not adapted.stream:
                     document = json.loads(await read_all(reply.chunks))
-                    await respond(send, 200, fim_response(document, adapted.model) if fim else document)
+                    if fim:
+                        document = fim_response(document, adapted.model)
+                    elif adapted.path == "/v1/embeddings":
+                        document = embeddings_response(document)
+                    await respond(send, 200, document)
                     return
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
@@ -201,6 +205,14 @@ async def _stream(chunks: AsyncIterator[bytes], adapted: Adapted, fim: bool) -> 
         yield sse(held)
     if fim:
         yield b"data: [DONE]\n\n"
+
+
+def embeddings_response(document: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's embeddings with what the Mistral SDK also requires: an id, and usage of the usual shape."""
+    usage = document.get("usage")
+    prompt = int(usage.get("prompt_tokens", 0)) if isinstance(usage, dict) else 0
+    return {"id": f"embd-{uuid.uuid4().hex}", **document,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}}
 
 
 def fim_response(document: Mapping[str, Any], model: str) -> dict[str, Any]:
