@@ -40,7 +40,8 @@ def test_an_sdist_without_vendored_llama_cpp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ResolveError) as caught:
         engine.build_engine(sdist, version="0.3.36", sdist_sha256="1" * 64, cache_dir=tmp_path / "cache",
                             progress=False)
-    assert caught.value.message == "expected vendor/llama.cpp/tools/server in llama_cpp_python-0.3.36.tar.gz, found none"
+    assert caught.value.message == (
+        "expected vendor/llama.cpp/tools/server in llama_cpp_python-0.3.36.tar.gz, found none")
 
 
 def test_spec_engine_table_and_embedding_models(tmp_path: Path, tiny_model: Path) -> None:
