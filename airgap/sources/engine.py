@@ -308,7 +308,7 @@ def engine_for(sdist: Pin, pip: Pip, *, cache_dir: Path, progress: bool = True) 
     if found is not None:
         return found
     with tempfile.TemporaryDirectory(prefix="airgap-engine-sdist-") as work:
-        path = pip.download_sdist(sdist, Path(work))
+        path = pip.download_sdist(sdist, Path(work) / "sdist")
         return build_engine(path, version=sdist.version, sdist_sha256=sdist.sha256, cache_dir=cache_dir,
                             progress=progress)
 

@@ -272,3 +272,29 @@ def test_a_crashed_engine_is_restarted(served: Served) -> None:
     again = subprocess.run(["pgrep", "-P", str(served.process.pid), "-f", "llama-server.*--alias smol "],
                            capture_output=True, text=True, check=False)
     assert again.stdout.split() and int(again.stdout.split()[0]) != pid
+
+
+def test_a_client_that_goes_away_frees_its_slot_at_once(served: Served) -> None:
+    outcome = served.json(RAW + textwrap.dedent("""
+        import http.client, re, time
+        port = int(sys.argv[1].rsplit(":", 1)[1])
+        def processing():
+            text = call("/metrics", None, method="GET")[1]
+            return int(float(re.search(r"^llamacpp:requests_processing (\\S+)", text, re.M).group(1)))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps({
+            "model": "smol", "messages": [{"role": "user", "content": "Count to ten thousand."}], "stream": True,
+            "max_tokens": 4000, "logit_bias": {"2": -100}}),
+            headers={"Authorization": f"Bearer {sys.argv[2]}", "Content-Type": "application/json"})
+        reply = connection.getresponse()
+        reply.fp.readline()
+        busy = processing()
+        connection.sock.close()
+        connection.close()
+        started = time.monotonic()
+        while processing() and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        print(json.dumps({"busy": busy, "freed_after_s": time.monotonic() - started, "left": processing()}))
+    """))
+    assert isinstance(outcome, dict)
+    assert outcome["busy"] == 1 and outcome["left"] == 0 and outcome["freed_after_s"] < 2
