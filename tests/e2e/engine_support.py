@@ -48,11 +48,16 @@ def smollm2_gguf() -> Path:
 
 
 def write_engine_spec(folder: Path, model: Path) -> Path:
+    """SmolLM2 as chat and as embedding model, and a tiny random model with fill-in-the-middle tokens."""
+    from tests.e2e.serve_support import write_tiny_gguf
+
+    code = write_tiny_gguf(folder / "tiny-code.gguf", fim=True)
     spec = folder / "engine-chat.toml"
     spec.write_text(
         '[bundle]\nname = "engine-chat"\nversion = "1.0.0"\n\n'
         f'[[models]]\nid = "smol"\npath = "{model}"\n\n'
         f'[[models]]\nid = "smol-embed"\npath = "{model}"\nembedding = true\n\n'
+        f'[[models]]\nid = "tiny-code"\npath = "{code}"\n\n'
         f'[python]\nrequirements = ["{LLAMA_REQUIREMENT}"]\n'
     )
     return spec

@@ -107,7 +107,7 @@ def test_openai_sdk_chat_stream_usage_and_max_completion_tokens(served: Served) 
                           "logprobs": len(probs.choices[0].logprobs.content)}))
     """))
     assert isinstance(outcome, dict)
-    assert outcome["models"] == [["smol", "base"], ["smol-embed", "base"]]
+    assert outcome["models"] == [["smol", "base"], ["smol-embed", "base"], ["tiny-code", "base"]]
     assert 1 <= outcome["tokens"] <= 5 and outcome["same"] is True
     assert 1 <= outcome["last_usage"] <= 6 and outcome["plain_usage"] == []
     assert outcome["logprobs"] >= 1
@@ -167,22 +167,29 @@ def test_mistral_sdk_models_chat_tools_stream_fim_and_embeddings(served: Served)
         calls = [c.function.name for c in forced.choices[0].message.tool_calls or []]
         events = list(client.chat.stream(model="smol", messages=HI, max_tokens=6))
         last = events[-1].data
-        fim = client.fim.complete(model="smol", prompt="def add(a, b):\\n    return ", suffix="\\n", max_tokens=8)
+        fim = client.fim.complete(model="tiny-code", prompt="def add(a, b):\\n    return ", suffix="\\n",
+                                  max_tokens=8)
+        try:
+            client.fim.complete(model="smol", prompt="x = ", suffix="", max_tokens=4)
+            no_fim = None
+        except Exception as error:
+            no_fim = getattr(error, "status_code", repr(error))
         embedded = client.embeddings.create(model="smol-embed", inputs=["hello", "world"])
         print(json.dumps({"models": models, "tokens": reply.usage.completion_tokens,
                           "same": reply.choices[0].message.content == again.choices[0].message.content,
                           "calls": calls, "last_usage": last.usage.completion_tokens if last.usage else None,
                           "last_finish": last.choices[0].finish_reason if last.choices else None,
                           "fim": isinstance(fim.choices[0].message.content, str),
-                          "fim_tokens": fim.usage.completion_tokens,
+                          "fim_tokens": fim.usage.completion_tokens, "no_fim": no_fim,
                           "vectors": [len(d.embedding) for d in embedded.data]}))
     """))
     assert isinstance(outcome, dict)
-    assert outcome["models"] == [["smol", "base"], ["smol-embed", "base"]]
+    assert outcome["models"] == [["smol", "base"], ["smol-embed", "base"], ["tiny-code", "base"]]
     assert 1 <= outcome["tokens"] <= 5 and outcome["same"] is True
     assert outcome["calls"] == ["get_weather"]
     assert 1 <= outcome["last_usage"] <= 6 and outcome["last_finish"] in ("stop", "length")
     assert outcome["fim"] is True and 1 <= outcome["fim_tokens"] <= 8
+    assert outcome["no_fim"] == 400  # SmolLM2 has no fill-in-the-middle tokens: a client error, not a 500
     assert outcome["vectors"] == [576, 576]  # SmolLM2-135M's embedding width
 
 
