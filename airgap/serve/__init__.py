@@ -726,7 +726,9 @@ async def _serve_engines(config: ServerConfig, api_key: str | None, listener: so
 
     def upstream_for(model_id: str) -> Upstream | None:
         engine = supervisor.engines.get(model_id)
-        return Upstream(engine.port, engine.key) if engine is not None and engine.ready else None
+        if engine is None or not engine.ready:
+            return None
+        return Upstream(engine.port, engine.key, native_tools=engine.native_tools)
 
     settings = GuardSettings(None if api_key is None else api_key.encode(), limits_for(config.models),
                              config.max_request_bytes)

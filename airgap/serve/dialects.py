@@ -14,6 +14,7 @@ llama-server speaks most of OpenAI's API, but a few fields mean something else t
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,7 @@ class Adapted:
     stream: bool
     usage_in_last_chunk: bool  # merge the usage-only chunk into the one with finish_reason (Mistral clients)
     drop_usage_chunk: bool  # the client did not ask for usage: do not send the usage-only chunk
+    tools_as_json: bool = False  # a forced call on a template without tools: JSON constrained, turned into tool_calls
 
 
 def choose_model(document: Mapping[str, Any], models: Mapping[str, ModelLimits]) -> ModelLimits:
@@ -89,7 +91,7 @@ def choose_model(document: Mapping[str, Any], models: Mapping[str, ModelLimits])
 
 
 def adapt(path: str, document: Mapping[str, Any], models: Mapping[str, ModelLimits], *,
-          mistral_client: bool = False) -> Adapted:
+          mistral_client: bool = False, native_tools: bool = True) -> Adapted:
     """The engine request for a client request on `path`; ClientError for what cannot be served."""
     if path not in POST_PATHS:
         raise ClientError(404, f"Unknown endpoint POST {path}.", "unknown_url")
@@ -116,10 +118,14 @@ def adapt(path: str, document: Mapping[str, Any], models: Mapping[str, ModelLimi
     _map_max_tokens(body, limits)
     _check_n(body, limits)
     stream = _check_stream(body)
+    tools_as_json = False
     if path in CHAT_PATHS:
         _check_messages(body)
         _safe_prompt(body)
         _map_tool_choice(body)
+        if not native_tools and body.get("tool_choice") == "required":
+            _tools_as_json(body)
+            tools_as_json = True
         engine_path = "/v1/chat/completions"
     elif path in FIM_PATHS:
         body = _fim(body)
@@ -138,8 +144,36 @@ def adapt(path: str, document: Mapping[str, Any], models: Mapping[str, ModelLimi
         body["stream_options"] = {**(options or {}), "include_usage": asked_usage or mistral}
     else:
         body.pop("stream_options", None)
+    if tools_as_json:  # answered whole by the engine, then streamed by the guard as tool-call chunks
+        body["stream"] = False
+        body.pop("stream_options", None)
     return Adapted(engine_path, body, limits.id, stream, usage_in_last_chunk=stream and mistral,
-                   drop_usage_chunk=stream and not asked_usage and not mistral)
+                   drop_usage_chunk=stream and not asked_usage and not mistral, tools_as_json=tools_as_json)
+
+
+TOOLS_PROMPT = ("You can call these functions (JSON Schema of their arguments):\n{tools}\n"
+                "Answer with exactly one JSON object {{\"name\": ..., \"arguments\": {{...}}}} calling one of them.")
+
+
+def _tools_as_json(body: dict[str, Any]) -> None:
+    """A forced tool call for a chat template that knows no tools: the engine's JSON schema constraint makes
+    the model write {"name", "arguments"} for one of the tools; the guard turns that into `tool_calls`."""
+    tools = body.pop("tools")
+    body.pop("tool_choice", None)
+    body.pop("parallel_tool_calls", None)
+    functions = [t["function"] for t in tools if isinstance(t.get("function"), dict) and "name" in t["function"]]
+    if not functions:
+        raise ClientError(400, "Each tool needs a 'function' with a 'name'.", "invalid_value", "tools")
+    schema = {"anyOf": [{
+        "type": "object",
+        "properties": {"name": {"const": f["name"]},
+                       "arguments": f.get("parameters") or {"type": "object"}},
+        "required": ["name", "arguments"],
+    } for f in functions]}
+    described = json.dumps([{"name": f["name"], "description": f.get("description", ""),
+                             "parameters": f.get("parameters") or {}} for f in functions])
+    body["messages"] = [{"role": "system", "content": TOOLS_PROMPT.format(tools=described)}, *body["messages"]]
+    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
 
 
 def _int_field(body: Mapping[str, Any], name: str) -> int | None:

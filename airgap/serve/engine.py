@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -92,6 +93,7 @@ class Engine:
     key: str = field(default="", repr=False)
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
+    native_tools: bool = True  # whether the model's chat template renders tools (from the engine's /props)
     starts: list[float] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -118,6 +120,9 @@ class Engine:
                 code = None if self.process is None else self.process.returncode
                 raise ServeError(f"llama-server for model {self.model.id!r} exited with status {code} while loading")
             if await asyncio.to_thread(_healthy, self.port):
+                props = await asyncio.to_thread(_props, self.port, self.key)
+                caps = props.get("chat_template_caps") if isinstance(props, dict) else None
+                self.native_tools = bool(caps.get("supports_tools", True)) if isinstance(caps, dict) else True
                 self.ready = True
                 return
             await asyncio.sleep(0.1)
@@ -143,6 +148,16 @@ def _die_with_parent() -> None:
     """In the child before exec: the kernel sends SIGTERM when serve goes, however it goes (even SIGKILL)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _props(port: int, key: str) -> Any:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/props", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with opener.open(request, timeout=5) as reply:
+            return json.loads(reply.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def _healthy(port: int) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Mutable
 from dataclasses import dataclass
 from typing import Any
 
-from airgap.serve.dialects import Adapted, ClientError, ModelLimits, adapt
+from airgap.serve.dialects import Adapted, ClientError, ModelLimits, adapt, choose_model
 from airgap.serve.proxy import SseEvents, Upstream, UpstreamError, event_json, read_all, request, sse
 
 Scope = MutableMapping[str, Any]
@@ -88,8 +88,9 @@ class EngineGuard:
         if not isinstance(document, dict):
             raise ClientError(400, f"Expected a JSON object as the request body, found {type(document).__name__}.",
                               "invalid_json")
-        adapted = adapt(path, document, self.settings.models, mistral_client=_is_mistral(scope))
-        upstream = self.upstream_for(adapted.model)
+        upstream = self.upstream_for(choose_model(document, self.settings.models).id)
+        adapted = adapt(path, document, self.settings.models, mistral_client=_is_mistral(scope),
+                        native_tools=upstream.native_tools if upstream is not None else True)
         if upstream is None:
             await respond(send, 503, _error("The model is loading; retry shortly.", "model_loading", "server_error"))
             return
@@ -150,6 +151,17 @@ class EngineGuard:
                     await respond(send, status, body)
                     return
                 fim = client_path.endswith("/fim/completions")
+                if adapted.tools_as_json:
+                    document = tool_call_response(json.loads(await read_all(reply.chunks)))
+                    if not adapted.stream:
+                        await respond(send, 200, document)
+                        return
+                    await send({"type": "http.response.start", "status": 200, "headers": [
+                        (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+                    for piece in tool_call_chunks(document, with_usage=not adapted.drop_usage_chunk):
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    await send({"type": "http.response.body", "body": b""})
+                    return
                 if not adapted.stream:
                     document = json.loads(await read_all(reply.chunks))
                     if fim:
@@ -205,6 +217,39 @@ async def _stream(chunks: AsyncIterator[bytes], adapted: Adapted, fim: bool) -> 
         yield sse(held)
     if fim:
         yield b"data: [DONE]\n\n"
+
+
+def tool_call_response(document: dict[str, Any]) -> dict[str, Any]:
+    """The engine's constrained JSON answer ({"name", "arguments"}) as an assistant message with tool_calls."""
+    choices = []
+    for choice in document.get("choices") or []:
+        message = choice.get("message") or {}
+        try:
+            call = json.loads(message.get("content") or "")
+            name, arguments = str(call["name"]), call["arguments"]
+        except (ValueError, KeyError, TypeError):
+            choices.append(choice)  # cut short (max_tokens): passed on as the text it is
+            continue
+        choices.append({**choice, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)}}]}})
+    return {**document, "choices": choices}
+
+
+def tool_call_chunks(document: Mapping[str, Any], with_usage: bool) -> list[bytes]:
+    base = {"id": document.get("id", f"chatcmpl-{uuid.uuid4().hex}"), "object": "chat.completion.chunk",
+            "created": document.get("created", int(time.time())), "model": document.get("model")}
+    pieces = []
+    for choice in document.get("choices") or []:
+        message = choice.get("message") or {}
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        pieces.append(sse({**base, "choices": [{"index": choice.get("index", 0), "delta": delta,
+                                                 "finish_reason": choice.get("finish_reason")}],
+                           **({"usage": document.get("usage")} if with_usage else {})}))
+    return [*pieces, b"data: [DONE]\n\n"]
 
 
 def embeddings_response(document: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Upstream:
     port: int
     key: str = field(repr=False)
     host: str = "127.0.0.1"
+    native_tools: bool = True  # the model's chat template renders tools (llama-server /props)
 
 
 @dataclass(frozen=True)
