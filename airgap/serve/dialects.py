@@ -104,11 +104,13 @@ def adapt(path: str, document: Mapping[str, Any], models: Mapping[str, ModelLimi
                                    f"embedding = true.", "model_not_embedding", "model")
         if "input" not in body:
             raise ClientError(400, "Field 'input' is required.", "missing_required_parameter", "input")
-        if body.get("encoding_format") not in (None, "float"):
-            raise ClientError(400, f"Field 'encoding_format' must be 'float', found {body['encoding_format']!r:.40}.",
-                              "invalid_value", "encoding_format")
-        body.pop("encoding_format", None)
-        body.pop("output_dtype", None)  # Mistral: float is the only kind served
+        if body.get("encoding_format") not in (None, "float", "base64"):  # the openai SDK asks for base64
+            raise ClientError(400, f"Field 'encoding_format' must be 'float' or 'base64', found "
+                                   f"{body['encoding_format']!r:.40}.", "invalid_value", "encoding_format")
+        if body.get("output_dtype") not in (None, "float"):
+            raise ClientError(400, f"Field 'output_dtype' must be 'float', found {body['output_dtype']!r:.40}.",
+                              "invalid_value", "output_dtype")
+        body.pop("output_dtype", None)  # Mistral's name; float is what the engine gives
         return Adapted("/v1/embeddings", body, limits.id, False, False, False)
     if limits.embedding:
         raise ClientError(400, f"Model {limits.id!r} is an embedding model; use /v1/embeddings.",

@@ -107,3 +107,17 @@ def test_malformed_messages_and_seed() -> None:
     assert refused("/v1/chat/completions", {"model": "chat", "messages": []}).param == "messages"
     assert refused("/v1/chat/completions", {"model": "chat", "messages": HI, "seed": -3}).message == (
         "Field 'seed' must be between 0 and 4294967295, found -3.")
+
+
+def test_a_forced_call_on_a_template_without_tools_becomes_constrained_json() -> None:
+    adapted = adapt("/v1/chat/completions", {"model": "chat", "messages": HI, "tools": [WEATHER, CLOCK],
+                                             "tool_choice": {"type": "function", "function": {"name": "clock"}},
+                                             "stream": True}, MODELS, native_tools=False)
+    assert adapted.tools_as_json and adapted.stream and adapted.body["stream"] is False
+    assert "tools" not in adapted.body and "tool_choice" not in adapted.body
+    schema = adapted.body["response_format"]["json_schema"]["schema"]
+    assert [option["properties"]["name"] for option in schema["anyOf"]] == [{"const": "clock"}]
+    assert adapted.body["messages"][0]["role"] == "system" and '"clock"' in adapted.body["messages"][0]["content"]
+    auto = adapt("/v1/chat/completions", {"model": "chat", "messages": HI, "tools": [WEATHER]}, MODELS,
+                 native_tools=False)
+    assert not auto.tools_as_json and auto.body["tools"] == [WEATHER]  # "auto" may answer in prose
