@@ -26,7 +26,8 @@ Run with an interpreter that has llama-cpp-python[server] installed.
 
 `--load` (the prefix must carry the llama-server engine) compares, one side at a time on the same model and
 threads: N concurrent streamed completions (`--streams`, each `--max-tokens` tokens, end of sequence banned)
-against today's server (`python -m llama_cpp.server`, what `airgap serve` ran before the engine), against
+against today's server (`airgap serve` on llama-cpp-python's server, what it ran before the engine and still
+runs for bundles without it), against
 `airgap serve` (guard + llama-server) and against the installed llama-server alone (the guard's overhead);
 plus one stream alone on `airgap serve` against in-process `llama_cpp.Llama`. Aggregate tokens/s is all
 streamed tokens over the wall time from the first request sent to the last answer done; time to first token
@@ -148,9 +149,15 @@ class Server:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
             connection.request("GET", "/v1/models", headers=self.headers())
-            ok = connection.getresponse().status == 200
+            models = connection.getresponse()
+            models.read()
+            ok = models.status == 200
+            connection.request("GET", "/health", headers=self.headers())
+            health = connection.getresponse()
+            health.read()
+            loading = health.status == 503  # airgap serve lists its models while the engine loads
             connection.close()
-            return ok
+            return ok and not loading
         except OSError:
             return False
 
@@ -401,13 +408,31 @@ def guarded_engine(prefix: Path, threads: int, ctx: int, parallel: int, eos: int
     return Server(process, port, active_model(prefix)[0], key, eos)
 
 
+def todays_server(prefix: Path, threads: int, ctx: int, eos: int) -> Server:
+    """What `airgap serve` ran before the engine, and still runs for a bundle without it: llama-cpp-python's
+    server in process behind the guard (python -m airgap.serve with the fallback configuration)."""
+    sys.path.insert(0, str(REPO))
+    from airgap.serve import SERVER_CONFIG_ENV, ServerConfig
+
+    model_id, model = active_model(prefix)
+    port = free_port()
+    settings = {"model": str(model), "model_alias": model_id, "n_gpu_layers": 0, "n_ctx": ctx, "n_threads": threads,
+                "n_threads_batch": threads, "chat_format": None, "logits_all": False, "use_mmap": True,
+                "use_mlock": False, "verbose": False}
+    config = ServerConfig(host="127.0.0.1", port=port, models=(settings,), require_api_key=False)
+    env = {**os.environ, SERVER_CONFIG_ENV: config.to_json(), "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "airgap.serve"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    return Server(process, port, model_id, None, eos)
+
+
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
     model = active_model(args.prefix)[1]
     eos = eos_token(model)
     parallel = max(args.streams)
     ctx = args.ctx * parallel  # each slot is sure of --ctx tokens
     sides: dict[str, Callable[[], Server]] = {
-        "today (llama_cpp.server)": lambda: stock_server(model, args.threads, args.ctx, eos),
+        "today (airgap serve on llama-cpp-python)": lambda: todays_server(args.prefix, args.threads, args.ctx, eos),
         "airgap serve (guard + llama-server)": lambda: guarded_engine(args.prefix, args.threads, ctx, parallel, eos),
         "llama-server alone": lambda: bare_engine(args.prefix, args.threads, ctx, parallel, eos),
     }
