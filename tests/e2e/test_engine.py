@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import KeyPair
-from tests.e2e.engine_support import Served, build_and_install, start_serving, stop_serving
+from tests.e2e.engine_support import API_KEY, Served, build_and_install, start_serving, stop_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -94,6 +94,11 @@ def test_the_bundle_carries_a_portable_engine_installed_executable(served: Serve
         variants = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "libggml-cpu-" in line}
         assert len(variants) == 1 and "sapphirerapids" not in next(iter(variants)), variants
         assert str(served.prefix) in maps  # the engine's libraries come from the installed version
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"--api-key" not in argv and b"--offline" in argv and b"--kv-unified" in argv
+        assert any(v.startswith(b"LLAMA_API_KEY=") for v in environ)  # its own key, in its environment
+        assert not any(API_KEY.encode() in v for v in [*argv, *environ])  # never the clients' key
 
 
 def test_openai_sdk_chat_stream_usage_and_max_completion_tokens(served: Served) -> None:
