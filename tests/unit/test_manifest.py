@@ -104,3 +104,21 @@ def test_sha256sums_text_lists_carried_files_only() -> None:
     absent = replace(manifest.files[0], storage="absent", stored_size=0)
     drop = sample(files=(absent, manifest.files[1]))
     assert drop.sha256sums_text() == f"{'b' * 64}  wheels/x-1.0-py3-none-any.whl\n".encode()
+
+
+def test_engine_files_and_embedding_models_round_trip() -> None:
+    engine = FileEntry("engine/llama-server", 30, "c" * 64, "engine", "zstd", 12, {"type": "built"})
+    manifest = sample(files=(*sample().files, engine),
+                      models=(ModelEntry("tiny", ("models/tiny/tiny.gguf",), {"block_count": 2}, embedding=True),))
+    parsed = parse_manifest(manifest.to_bytes())
+    assert parsed == manifest and parsed.models[0].embedding is True
+    assert parsed.file("engine/llama-server").kind == "engine"
+    assert b'"embedding"' not in sample().to_bytes()  # a chat model's manifest bytes are as before
+
+
+def test_embedding_flag_must_be_a_boolean() -> None:
+    raw = json.loads(sample().to_bytes())
+    raw["models"][0]["embedding"] = "yes"
+    with pytest.raises(FormatError) as caught:
+        parse_manifest(json.dumps(raw).encode())
+    assert caught.value.message == "invalid model 'tiny': 'embedding' must be true or false, found 'yes'"
