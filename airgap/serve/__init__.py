@@ -370,6 +370,9 @@ def prepare_server(
     engine = installation.engine
     if engine is not None and not os.access(engine, os.X_OK):
         raise ServeError(f"the installed engine {engine} is missing or not executable; run `airgap verify`")
+    if engine is not None and not any(installation.venv.glob("lib/python*/site-packages/uvicorn")):
+        raise ServeError("the guard in front of llama-server needs uvicorn in the installed venv; expected the "
+                         "bundle to require llama-cpp-python[server] (or uvicorn), found no uvicorn")
     settings = engine_settings if engine is not None else model_settings
     config = ServerConfig(
         host=host, port=port, models=tuple(settings(m, p) for m, p in zip(models, plans, strict=True)),
