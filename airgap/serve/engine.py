@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -199,12 +200,15 @@ class Supervisor:
                         self.failed = (f"llama-server for model {engine.model.id!r} exited with status "
                                        f"{process.returncode} {MAX_RESTARTS + 1} times within {RESTART_WINDOW:.0f} s")
                         return self.failed
+                    print(f"airgap.serve: llama-server for model {engine.model.id!r} exited with status "
+                          f"{process.returncode}; restarting it", file=sys.stderr, flush=True)
                     await engine.start()
                     try:
                         await engine.wait_ready()
                     except ServeError as exc:
-                        self.failed = exc.message
-                        return self.failed
+                        # died while loading: counted like any crash on the next pass; hung: ended, then counted
+                        print(f"airgap.serve: {exc.message}", file=sys.stderr, flush=True)
+                        await engine.stop()
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:

@@ -318,3 +318,26 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(served: Served) -> None:
     """))
     assert isinstance(outcome, dict)
     assert outcome["busy"] == 1 and outcome["left"] == 0 and outcome["freed_after_s"] < 2
+
+
+def test_an_engine_that_keeps_crashing_makes_serve_exit_non_zero_for_systemd(served: Served) -> None:
+    """Runs last in this module: it ends the module's server on purpose."""
+    import time
+
+    def engine_pid() -> int | None:
+        found = subprocess.run(["pgrep", "-P", str(served.process.pid), "-f", "llama-server.*--alias smol "],
+                               capture_output=True, text=True, check=False)
+        return int(found.stdout.split()[0]) if found.stdout.split() else None
+
+    earlier = served.log.read_text().count("llama-server for model 'smol' exited with status -9; restarting")
+    killed: list[int] = []
+    deadline = time.monotonic() + 120
+    while served.process.poll() is None and time.monotonic() < deadline:
+        pid = engine_pid()
+        if pid is not None and pid not in killed:
+            os.kill(pid, 9)
+            killed.append(pid)
+        time.sleep(0.1)
+    assert served.process.poll() == 1, served.log.read_text()[-2000:]
+    assert earlier + len(killed) == 4  # three restarts, then the fourth crash within 5 minutes ends serve
+    assert "exited with status -9 4 times within 300 s" in served.log.read_text()
