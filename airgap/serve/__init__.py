@@ -765,7 +765,7 @@ async def _serve_engines(config: ServerConfig, api_key: str | None, listener: so
     watching = asyncio.create_task(supervisor.watch())
     done, _ = await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    if watching in done:
+    if watching in done and not supervisor.stopping:
         print(f"{SERVER_MODULE}: {watching.result()}; exiting so that the service manager restarts it",
               file=sys.stderr, flush=True)
         server.should_exit = True

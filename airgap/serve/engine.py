@@ -146,9 +146,10 @@ class Engine:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: the kernel sends SIGTERM when serve goes, however it goes (even SIGKILL)."""
+    """In the child before exec: the kernel kills the engine when serve goes, however it goes. SIGKILL, since
+    llama-server's own shutdown can hang (seen while it loads), and it holds nothing that needs flushing."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _props(port: int, key: str) -> Any:
@@ -178,6 +179,7 @@ class Supervisor:
             raise ServeError(f"expected an executable engine at {binary}, found none; reinstall the bundle")
         self.engines = {m.id: Engine(binary, m, environ) for m in models}
         self.failed: str | None = None
+        self.stopping = False  # once set, an engine that exits is not restarted
 
     @property
     def ready(self) -> bool:
@@ -191,10 +193,10 @@ class Supervisor:
 
     async def watch(self) -> str:
         """Restart engines that exit; return why supervision ended (an engine crashed too often)."""
-        while True:
+        while not self.stopping:
             for engine in self.engines.values():
                 process = engine.process
-                if process is not None and process.returncode is not None:
+                if process is not None and process.returncode is not None and not self.stopping:
                     engine.ready = False
                     if not engine.may_restart():
                         self.failed = (f"llama-server for model {engine.model.id!r} exited with status "
@@ -210,12 +212,15 @@ class Supervisor:
                         print(f"airgap.serve: {exc.message}", file=sys.stderr, flush=True)
                         await engine.stop()
             await asyncio.sleep(0.2)
+        return "stopping"
 
     async def stop(self) -> None:
+        self.stopping = True
         await asyncio.gather(*(e.stop() for e in self.engines.values()))
 
     def terminate(self) -> None:
         """Ask every engine to stop now (from a signal handler: no waiting here)."""
+        self.stopping = True
         for engine in self.engines.values():
             if engine.process is not None and engine.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,9 +321,21 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(served: Served) -> None:
     assert outcome["busy"] == 1 and outcome["left"] == 0 and outcome["freed_after_s"] < 2
 
 
+def test_stopping_serve_stops_every_engine(served: Served, tmp_path: Path) -> None:
+    other = start_serving(served.prefix, served.bundle, tmp_path / "serve.log", port=18091)
+    engines = subprocess.run(["pgrep", "-P", str(other.process.pid), "-f", "llama-server"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert len(engines) == 3
+    stop_serving(other)
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid in engines if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive == []
+    assert "restarting" not in other.log.read_text()  # a stopping serve restarts nothing
+
+
 def test_an_engine_that_keeps_crashing_makes_serve_exit_non_zero_for_systemd(served: Served) -> None:
     """Runs last in this module: it ends the module's server on purpose."""
-    import time
 
     def engine_pid() -> int | None:
         found = subprocess.run(["pgrep", "-P", str(served.process.pid), "-f", "llama-server.*--alias smol "],
@@ -341,3 +354,20 @@ def test_an_engine_that_keeps_crashing_makes_serve_exit_non_zero_for_systemd(ser
     assert served.process.poll() == 1, served.log.read_text()[-2000:]
     assert earlier + len(killed) == 4  # three restarts, then the fourth crash within 5 minutes ends serve
     assert "exited with status -9 4 times within 300 s" in served.log.read_text()
+    deadline = time.monotonic() + 10
+    while (left := [p for p in _engines_of(served.prefix) if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []  # no engine outlives serve
+
+
+def _engines_of(prefix: Path) -> list[str]:
+    return subprocess.run(["pgrep", "-f", f"{prefix}/versions/.*/llama-server"], capture_output=True, text=True,
+                          check=False).stdout.split()
+
+
+def _running(pid: str) -> bool:
+    """Alive and not a zombie waiting for its new parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
