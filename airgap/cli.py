@@ -642,15 +642,18 @@ def plan_options(func: F) -> F:
         click.option("--n-gpu-layers", type=int, default=None, help="Layers to offload to the GPU (-1: all)."),
         click.option("--n-ctx", type=int, default=None, help="Context length in tokens."),
         click.option("--threads", type=int, default=None, help="CPU threads for generation."),
+        click.option("--parallel", type=int, default=None,
+                     help="Requests decoded together per model (llama-server slots)."),
     ]):
         func = option(func)
     return func
 
 
-def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | None) -> Any:
+def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
+                    parallel: int | None = None) -> Any:
     from airgap.plan import Overrides
 
-    return Overrides(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads)
+    return Overrides(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, parallel=parallel)
 
 
 @main.command()
@@ -663,14 +666,14 @@ def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | 
               help="File holding the API key clients must send (or set AIRGAP_API_KEY).")
 @audited("serve", required=False)
 def serve(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
-          host: str, port: int, api_key_file: Path | None) -> None:
+          parallel: int | None, host: str, port: int, api_key_file: Path | None) -> None:
     """Serve the active version's models over an OpenAI-compatible API (llama.cpp).
 
     Logs request lines (method, path, status), never prompt or completion content. The start, and the stop
     of the server process, are recorded in PREFIX/audit.jsonl where that file is writable."""
     from airgap.serve import serve as run_server
 
-    run_server(prefix, model, host, port, api_key_file, _plan_overrides(n_gpu_layers, n_ctx, threads),
+    run_server(prefix, model, host, port, api_key_file, _plan_overrides(n_gpu_layers, n_ctx, threads, parallel),
                log=sys.stderr, before_exec=lambda launch: _record_serving(prefix, launch))
 
 
@@ -722,7 +725,7 @@ def _installed(prefix: Path) -> BundleRef | None:
               help="Plan for the host this probe file describes (`airgap probe -o FILE`) instead of this one.")
 @json_option
 def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
-         host_facts: Path | None, as_json: bool) -> None:
+         parallel: int | None, host_facts: Path | None, as_json: bool) -> None:
     """Show what serve will do on this host (GPU layers, context, threads) and why."""
     from airgap.host import host_info, load_probe, probe_facts
     from airgap.serve import plan_for, plans_json, read_installation
@@ -730,7 +733,7 @@ def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int |
 
     facts = load_probe(host_facts) if host_facts is not None else probe_facts(prefix)
     host = host_info(facts)
-    plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads), host)
+    plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads, parallel), host)
     check = host_check(read_installation(prefix).manifest.target, facts)
     if as_json:
         click.echo(plans_json(plans, host, check))
@@ -761,7 +764,7 @@ def probe(prefix: Path, out: Path | None) -> None:
 @click.option("--user", default=None, help="Run as this user instead of a dynamic one.")
 @click.option("--allow-from", multiple=True, help="Network (CIDR) allowed to connect; repeat for several.")
 def service(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
-            host: str, port: int, api_key_file: Path | None, gpu: bool | None, user: str | None,
+            parallel: int | None, host: str, port: int, api_key_file: Path | None, gpu: bool | None, user: str | None,
             allow_from: tuple[str, ...]) -> None:
     """Print a hardened systemd unit that runs `airgap serve` for PREFIX."""
     from airgap.host import probe_host
@@ -769,7 +772,8 @@ def service(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: in
 
     use_gpu = bool(probe_host().gpus) if gpu is None else gpu
     click.echo(render_service(prefix, host, port, model, api_key_file,
-                              _plan_overrides(n_gpu_layers, n_ctx, threads), use_gpu, user, allow_from), nl=False)
+                              _plan_overrides(n_gpu_layers, n_ctx, threads, parallel), use_gpu, user, allow_from),
+               nl=False)
 
 
 # ---------------------------------------------------------------- sneakernet

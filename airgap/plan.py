@@ -33,6 +33,9 @@ KV_BYTES_PER_ELEMENT = 2  # f16 cache, llama.cpp's default
 MICRO_BATCH = 512  # llama-cpp-python's default n_ubatch
 RUNTIME_RAM = 384 * MIB
 RUNTIME_VRAM_PER_GPU = 512 * MIB
+DEFAULT_PARALLEL = 4  # llama-server slots: concurrent requests decoded together (continuous batching)
+MAX_PARALLEL = 256
+DEFAULT_MAX_TOKENS = 2048  # a request without max_tokens generates at most this many (or the context)
 RAM_MARGIN_FRACTION, RAM_MARGIN_MIN = 0.10, 512 * MIB
 VRAM_MARGIN_FRACTION, VRAM_MARGIN_MIN = 0.05, 256 * MIB
 
@@ -101,8 +104,11 @@ class Overrides:
     n_gpu_layers: int | None = None  # -1: every layer
     n_ctx: int | None = None
     threads: int | None = None
+    parallel: int | None = None  # llama-server slots
 
     def __post_init__(self) -> None:
+        if self.parallel is not None and not 1 <= self.parallel <= MAX_PARALLEL:
+            raise PlanError(f"--parallel must be between 1 and {MAX_PARALLEL}, found {self.parallel}")
         if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
             raise PlanError(f"--n-gpu-layers must be -1 (all) or a count >= 0, found {self.n_gpu_layers}")
         if self.n_ctx is not None and self.n_ctx < 64:
@@ -136,16 +142,29 @@ class Plan:
     fits: bool
     reasons: tuple[str, ...] = field(default_factory=tuple)
     tensor_split: tuple[float, ...] = ()  # llama.cpp --tensor-split: each GPU's share of the offloaded layers
+    parallel: int = 1  # slots sharing the n_ctx tokens of KV cache (llama-server --kv-unified)
+
+    @property
+    def ctx_per_slot(self) -> int:
+        """Context each slot is sure of when every slot is busy; one request alone may use all of n_ctx."""
+        return self.n_ctx // self.parallel
+
+    @property
+    def max_tokens_default(self) -> int:
+        return min(DEFAULT_MAX_TOKENS, self.n_ctx)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "reasons": list(self.reasons)}
+        return {**asdict(self), "reasons": list(self.reasons), "ctx_per_slot": self.ctx_per_slot,
+                "max_tokens_default": self.max_tokens_default, "max_tokens_cap": self.n_ctx}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def explain(self) -> str:
         head = (
-            f"{self.model_id}: n_gpu_layers={self.n_gpu_layers} n_ctx={self.n_ctx} threads={self.n_threads}"
+            f"{self.model_id}: n_gpu_layers={self.n_gpu_layers} n_ctx={self.n_ctx}"
+            f"{f' parallel={self.parallel} ({self.ctx_per_slot} per slot)' if self.parallel > 1 else ''}"
+            f" threads={self.n_threads}"
             f" (batch {self.n_threads_batch}); needs {_gib(self.ram_needed)} RAM of {_gib(self.ram_budget)} usable"
         )
         if self.vram_budget or self.vram_needed:
@@ -207,11 +226,15 @@ def footprint(shape: ModelShape, n_gpu_layers: int, n_ctx: int, gpu_count: int =
 
 def make_plan(
     shape: ModelShape, host: HostInfo, overrides: Overrides = NO_OVERRIDES, gpu_offload: bool = True,
+    slots: bool = False,
 ) -> Plan:
     """Choose n_gpu_layers, n_ctx and threads for `shape` on `host`; PlanError when it cannot fit.
 
-    `gpu_offload` says whether the installed llama.cpp was built with GPU support at all.
+    `gpu_offload` says whether the installed llama.cpp was built with GPU support at all. With `slots` (the
+    llama-server engine) the plan also chooses parallel slots: the KV cache holds n_ctx tokens shared by all
+    of them, sized so that each slot is sure of at least the minimum context.
     """
+    parallel = 1
     reasons: list[str] = [_describe_model(shape)]
     use_gpu = gpu_offload and bool(host.gpus)
     if host.gpus and not gpu_offload:
@@ -249,9 +272,21 @@ def make_plan(
         largest = _largest_context(shape, ngl_for_memory, budget)
         if largest < min_ctx:
             raise PlanError(_refusal(shape, ngl_for_memory, min_ctx, budget))
-        n_ctx = min(largest, max_ctx)
-        reasons.append(_describe_context(shape, n_ctx, largest, max_ctx))
+        if slots:
+            parallel = overrides.parallel or DEFAULT_PARALLEL
+            while overrides.parallel is None and parallel > 1 and largest // parallel < min_ctx:
+                parallel -= 1
+            per_slot = min(max_ctx, PREFERRED_CONTEXT)
+            n_ctx = min(largest, max(max_ctx, parallel * per_slot)) // CONTEXT_STEP * CONTEXT_STEP
+            reasons.append(_describe_context(shape, n_ctx, largest, max(max_ctx, parallel * per_slot)))
+            reasons.append(_describe_slots(parallel, n_ctx, overrides.parallel is not None, min_ctx))
+        else:
+            n_ctx = min(largest, max_ctx)
+            reasons.append(_describe_context(shape, n_ctx, largest, max_ctx))
 
+    if slots and overrides.n_ctx is not None:
+        parallel = overrides.parallel or max(1, min(DEFAULT_PARALLEL, n_ctx // min_ctx))
+        reasons.append(_describe_slots(parallel, n_ctx, overrides.parallel is not None, min_ctx))
     n_threads, n_threads_batch, thread_reason = _threads(host, overrides)
     reasons.append(thread_reason)
     split = tensor_split(host) if use_gpu and ngl_for_memory else ()
@@ -266,8 +301,17 @@ def make_plan(
     return Plan(
         model_id=shape.id, n_gpu_layers=ngl, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads_batch,
         ram_needed=need.ram, ram_budget=budget.ram, vram_needed=need.vram, vram_budget=budget.vram, fits=fits,
-        reasons=tuple(reasons), tensor_split=split,
+        reasons=tuple(reasons), tensor_split=split, parallel=parallel,
     )
+
+
+def _describe_slots(parallel: int, n_ctx: int, requested: bool, min_ctx: int) -> str:
+    why = "as requested" if requested else f"so that each is sure of at least {min_ctx} tokens"
+    text = (f"parallel={parallel} {why}: {parallel} requests decode together and share the KV cache of {n_ctx}"
+            f" tokens ({n_ctx // parallel} per slot when all are busy; one request alone may use all of it)")
+    if n_ctx // parallel < min_ctx:
+        text += f"; warning: below the minimum of {min_ctx} per slot"
+    return text
 
 
 def _cost(shape: ModelShape, n_gpu_layers: int, gpu_count: int) -> tuple[Footprint, Footprint]:

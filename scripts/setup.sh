@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for tool in openssl:openssl zstd:zstd ip:iproute2 unshare:util-linux systemd-analyze:systemd \
-            /usr/bin/time:time cmake:cmake g++:g++ jq:jq \
-            /usr/sbin/sshd:openssh-server ssh:openssh-client haproxy:haproxy; do
+            /usr/bin/time:time cmake:cmake g++:g++ jq:jq ninja:ninja-build readelf:binutils \
+            nsenter:util-linux pgrep:procps /usr/sbin/sshd:openssh-server ssh:openssh-client haproxy:haproxy; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -36,6 +36,7 @@ class BuildOptions:
     hub_endpoint: str | None = None
     hub_cache: Path | None = None
     wheel_cache: Path | None = None
+    engine_cache: Path | None = None  # where compiled llama-server builds are kept (~/.cache/airgap/engine)
     base: Path | None = None  # build an update drop on top of this bundle
     roots: tuple[Path, ...] = ()  # root files (one unbroken chain) the bundle carries
     expires_days: int | None = None  # overrides the spec's bundle.expires_days
@@ -78,13 +79,15 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
         work = Path(tmp)
         models, model_files, model_licenses = _collect_models(spec, options)
         wheels = _collect_wheels(spec, options, work / "wheels")
+        engine = _collect_engine(spec, wheels, options)
         bootstrap = _bootstrap_requirements(spec, wheels, work)
         # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
         raw_paths = {bootstrap.entry.path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap.packages)}
         packed = work / "packed"
         packed.mkdir()
         payload = [prepare_entry(path, entry, packed, compress=entry.path not in raw_paths)
-                   for path, entry in [*model_files, *wheels_payload(wheels), (bootstrap.path, bootstrap.entry)]]
+                   for path, entry in [*model_files, *wheels_payload(wheels), *engine,
+                                       (bootstrap.path, bootstrap.entry)]]
         draft = Manifest(
             name=spec.name, version=spec.version, created=created,
             expires=created + timedelta(days=options.expires_days or spec.expires_days),
@@ -169,7 +172,8 @@ def _collect_models(
             paths.append(path)
         gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
         metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
-        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=check_gguf(model.id, metadata)))
+        models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=check_gguf(model.id, metadata),
+                                 embedding=model.embedding))
     return models, files, licenses
 
 
@@ -225,6 +229,29 @@ def _collect_wheels(spec: Spec, options: BuildOptions, dest: Path) -> list[Resol
     digest = digest_file(own)
     return [*resolved, ResolvedWheel(name="airgap", version=airgap.__version__, filename=own.name, path=own,
                                      size=digest.size, sha256=digest.sha256, source={"type": "self"})]
+
+
+def _collect_engine(spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions) -> list[tuple[Path, FileEntry]]:
+    """llama-server from the same sdist llama-cpp-python was built from, when the spec pulls that in."""
+    if spec.engine is False:
+        return []
+    llama = next((w for w in wheels if w.name == "llama-cpp-python"), None)
+    if llama is None or llama.source.get("type") != "built":
+        if spec.engine:
+            found = "no llama-cpp-python" if llama is None else f"llama-cpp-python from {llama.source.get('type')}"
+            raise SpecError(f"{spec.path}: engine.llama_server = true builds llama-server from the "
+                            f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
+        return []
+    from airgap.build.sources.engine import default_cache_dir, engine_for, manifest_source
+    from airgap.build.sources.wheels import Pin, Pip
+
+    sdist = Pin(name=llama.name, version=llama.version, filename=llama.source["from"],
+                sha256=llama.source["sdist_sha256"], url=llama.source.get("sdist_url", ""))
+    pip = Pip(find_links=spec.python.find_links, index_url=spec.python.index_url, progress=options.progress)
+    built = engine_for(sdist, pip, cache_dir=options.engine_cache or default_cache_dir(), progress=options.progress)
+    source = manifest_source(built)
+    return [(f.path, FileEntry(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
+                               source=source)) for f in built.files]
 
 
 def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:

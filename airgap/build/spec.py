@@ -21,6 +21,7 @@ class ModelSpec:
     revision: str = "main"
     files: tuple[str, ...] = ()
     allow_patterns: tuple[str, ...] = ()
+    embedding: bool = False  # served on /v1/embeddings instead of chat
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Spec:
     models: tuple[ModelSpec, ...]
     python: PythonSpec
     expires_days: int = DEFAULT_EXPIRES_DAYS
+    # llama-server compiled from the llama-cpp-python sdist: None builds it whenever the requirements pull in
+    # llama-cpp-python; [engine] llama_server = true / false asks for it or leaves it out
+    engine: bool | None = None
 
     @property
     def lock_path(self) -> Path:
@@ -72,7 +76,20 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
     expires = bundle.get("expires_days", DEFAULT_EXPIRES_DAYS)
     if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
         raise SpecError(f"{path}: bundle.expires_days must be a positive integer, found {expires!r}")
-    return Spec(path=path, name=name, version=version, models=models, python=python, expires_days=expires)
+    return Spec(path=path, name=name, version=version, models=models, python=python, expires_days=expires,
+                engine=_engine(raw.get("engine", {}), path))
+
+
+def _engine(raw: object, path: Path) -> bool | None:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: [engine] must be a table")
+    unknown = sorted(set(raw) - {"llama_server"})
+    if unknown:
+        raise SpecError(f"{path}: [engine] knows only 'llama_server', found {', '.join(unknown)}")
+    value = raw.get("llama_server")
+    if value is not None and not isinstance(value, bool):
+        raise SpecError(f"{path}: engine.llama_server must be true or false, found {value!r}")
+    return value
 
 
 def _model(raw: object, base: Path, path: Path) -> ModelSpec:
@@ -85,17 +102,20 @@ def _model(raw: object, base: Path, path: Path) -> ModelSpec:
         raise SpecError(f"{path}: {exc.message}") from exc
     if ("path" in raw) == ("repo" in raw):
         raise SpecError(f"{path}: model {model_id!r} needs exactly one of 'path' (local file) or 'repo' (hub)")
+    embedding = raw.get("embedding", False)
+    if not isinstance(embedding, bool):
+        raise SpecError(f"{path}: model {model_id!r}: 'embedding' must be true or false, found {embedding!r}")
     if "path" in raw:
         local = (base / _str(raw, "path", path)).resolve()
         if not local.is_file():
             raise SpecError(f"{path}: model {model_id!r}: file not found: {local}")
-        return ModelSpec(id=model_id, path=local)
+        return ModelSpec(id=model_id, path=local, embedding=embedding)
     files = tuple(_strs(raw, "files", path)) + ((_str(raw, "file", path),) if "file" in raw else ())
     patterns = tuple(_strs(raw, "allow_patterns", path))
     if not files and not patterns:
         raise SpecError(f"{path}: model {model_id!r} from a repo needs 'file', 'files' or 'allow_patterns'")
     return ModelSpec(id=model_id, repo=_str(raw, "repo", path), revision=str(raw.get("revision", "main")),
-                     files=files, allow_patterns=patterns)
+                     files=files, allow_patterns=patterns, embedding=embedding)
 
 
 def _python(raw: object, base: Path, path: Path) -> PythonSpec:

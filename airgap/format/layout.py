@@ -6,7 +6,8 @@ goes only where that kind belongs, checked before anything of the bundle is read
 
 - `model` files under `models/`;
 - `wheel` files as `wheels/<PEP 427 file name>`, each named by exactly one python package and back;
-- `meta` files anywhere else, except `manifest.json`, `venv/`, `models/` and `wheels/`;
+- `engine` files (llama-server and its libraries) under `engine/`, copied into the version executable;
+- `meta` files anywhere else, except `manifest.json`, `venv/`, `models/`, `wheels/` and `engine/`;
 - `sdist` files nowhere: install takes binary wheels only, since building one runs its code.
 """
 
@@ -22,7 +23,7 @@ from airgap.format.manifest import Manifest
 
 _NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")  # PEP 508 names, matched whole
 _VERSION_RE = re.compile(VERSION_PATTERN, re.VERBOSE | re.IGNORECASE)
-KIND_FOLDERS = {"model": "models", "wheel": "wheels"}
+KIND_FOLDERS = {"model": "models", "wheel": "wheels", "engine": "engine"}
 RESERVED_TOP = frozenset({"manifest.json", "venv"})  # made by airgap in every version, never by the bundle
 
 

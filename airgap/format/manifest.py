@@ -24,9 +24,9 @@ FORMAT_VERSION = 2  # 2: `stored_sha256` for every compressed member (docs/FORMA
 READABLE_FORMATS = (1, 2)  # installed format-1 manifests stay readable; bundle readers may ask for more
 MANIFEST_TYPE = "airgap/manifest"  # bound into the signed bytes: a signature over other JSON is not a manifest
 
-FileKind = Literal["model", "wheel", "sdist", "meta"]
+FileKind = Literal["model", "wheel", "sdist", "meta", "engine"]
 Storage = Literal["raw", "zstd", "absent"]
-FILE_KINDS: tuple[FileKind, ...] = ("model", "wheel", "sdist", "meta")
+FILE_KINDS: tuple[FileKind, ...] = ("model", "wheel", "sdist", "meta", "engine")
 STORAGES: tuple[Storage, ...] = ("raw", "zstd", "absent")
 
 # always used with fullmatch: `$` would also match before a trailing newline
@@ -125,6 +125,7 @@ class ModelEntry:
     id: str
     files: tuple[str, ...]
     gguf: Mapping[str, Any] = field(default_factory=dict)
+    embedding: bool = False  # an embedding model: served on /v1/embeddings
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ class Manifest:
                 "manifest_sha256": self.base.manifest_sha256,
             },
             "files": [_file_to_dict(e) for e in self.files],
-            "models": [{"id": m.id, "files": list(m.files), "gguf": dict(m.gguf)} for m in self.models],
+            "models": [{"id": m.id, "files": list(m.files), "gguf": dict(m.gguf),
+                        **({"embedding": True} if m.embedding else {})} for m in self.models],
             "python": {
                 **dict(self.python),
                 "packages": [{"name": p.name, "version": p.version, "path": p.path} for p in self.packages],
@@ -341,7 +343,11 @@ def _parse_models(items: list[Any], by_path: Mapping[str, FileEntry], limits: Li
         missing = [p for p in model_files if not isinstance(p, str) or p not in by_path]
         if missing or not model_files:
             raise FormatError(f"model {model_id!r} names files the manifest does not list: {missing[:3]}")
-        models.append(ModelEntry(id=model_id, files=model_files, gguf=check_gguf(model_id, doc.obj("gguf"), limits)))
+        embedding = doc.raw.get("embedding", False)
+        if not isinstance(embedding, bool):
+            raise FormatError(f"invalid model {model_id!r}: 'embedding' must be true or false, found {embedding!r}")
+        models.append(ModelEntry(id=model_id, files=model_files, gguf=check_gguf(model_id, doc.obj("gguf"), limits),
+                                 embedding=embedding))
     return tuple(models)
 
 

@@ -62,7 +62,7 @@ from airgap.prefix.wheelinstall import (
     wheel_contents_from_bytes,
 )
 from airgap.progress import byte_progress
-from airgap.streams.atomic import check_private_path, fsync_dir, remove_tree, write_new
+from airgap.streams.atomic import check_private_path, create_new, fsync_dir, remove_tree, write_new
 from airgap.streams.pipeline import digest_file
 from airgap.trust.acceptance import (
     NO_OVERRIDES,
@@ -347,8 +347,9 @@ def space_needed(manifest: Manifest, stored: Callable[[FileEntry], bool]) -> int
     """Bytes an install writes: the files the store lacks, and a fresh virtualenv (every version gets its own,
     even when the store already has all its wheels)."""
     new_files = sum(e.size for e in manifest.carried_files if not stored(e))
+    engine = sum(e.size for e in manifest.files if e.kind == "engine")  # copied into every version it is in
     wheels = sum(manifest.file(p.path).size for p in manifest.packages)
-    return new_files + (wheels * VENV_EXPANSION + VENV_BASE_BYTES if manifest.packages else 0)
+    return new_files + engine + (wheels * VENV_EXPANSION + VENV_BASE_BYTES if manifest.packages else 0)
 
 
 def _check_space(prefix: Path, manifest: Manifest) -> None:
@@ -407,7 +408,9 @@ def _assemble(prefix: Path, verified: VerifiedManifest, gen_id: str, clock: date
     remove_tree(gen_dir)
     gen_dir.mkdir(mode=0o755)
     for entry in manifest.files:
-        if entry.kind != "wheel":
+        if entry.kind == "engine":
+            _place_engine_file(gen_dir / entry.path, store / entry.sha256)
+        elif entry.kind != "wheel":
             _link(gen_dir / entry.path, store / entry.sha256)
     write_new(gen_dir / "manifest.json", verified.manifest_bytes)
     if manifest.packages:
@@ -431,6 +434,18 @@ def _wheels(prefix: Path, manifest: Manifest, staging: Path | None = None) -> li
         blob = staged if staged is not None and staged.is_file() else store_path(prefix, sha)
         wheels.append(WheelToInstall(blob, Path(package.path).name, package.name, package.version))
     return wheels
+
+
+def _place_engine_file(path: Path, blob: Path) -> None:
+    """A private, read-only, executable copy in the version: the store's blobs stay non-executable, so no link
+    written there later (another file with the same bytes) can ever be run. Written as a new file, never
+    through a link."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with blob.open("rb") as source, os.fdopen(create_new(path), "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    path.chmod(0o555)
 
 
 def _link(link: Path, target: Path) -> None:

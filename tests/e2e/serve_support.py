@@ -67,13 +67,20 @@ def _tiny_parameter_count(vocab: int) -> int:
     return 2 * vocab * TINY_WIDTH + TINY_WIDTH + TINY_LAYERS * per_layer
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A random-weight llama model (2 layers of width 64, byte vocab, ChatML template) that llama.cpp runs."""
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, fim: bool = False) -> Path:
+    """A random-weight llama model (2 layers of width 64, byte vocab, ChatML template) that llama.cpp runs;
+    with `fim`, also fill-in-the-middle tokens, so that llama-server's /infill accepts it."""
     import gguf
     import numpy as np
 
     rng = np.random.default_rng(seed)
     tokens, types = byte_vocab()
+    if fim:
+        tokens += list(FIM_TOKENS)
+        types += [int(gguf.TokenType.CONTROL)] * len(FIM_TOKENS)
     head_dim = TINY_WIDTH // TINY_HEADS
     kv_width = TINY_KV_HEADS * head_dim
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -95,6 +102,9 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(EOS_TOKEN_ID)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if fim:
+        for name, token in zip(("pre", "suf", "mid"), FIM_TOKENS, strict=True):
+            writer.add_uint32(f"tokenizer.ggml.fim_{name}_token_id", tokens.index(token))
 
     def weight(*shape: int) -> Any:
         return (rng.standard_normal(shape) * 0.2).astype(np.float32)

@@ -225,3 +225,25 @@ def test_several_gpus_get_a_tensor_split_in_proportion_to_their_usable_memory() 
     assert json.loads(plan.to_json())["tensor_split"] == list(plan.tensor_split)
     assert any(r.startswith("tensor split 0.3") and "over 2 GPUs" in r for r in plan.reasons)
     assert make_plan(LLAMA3_70B, gpu_host(64, 60, 24)).tensor_split == ()
+
+
+def test_engine_plan_gives_each_slot_its_context_from_one_shared_kv_cache() -> None:
+    plan = make_plan(LLAMA2_7B, cpu_host(64, 60), slots=True)
+    assert plan.parallel == 4 and plan.n_ctx == 4 * 4096 and plan.ctx_per_slot == 4096
+    assert footprint(LLAMA2_7B, 0, plan.n_ctx).ram == plan.ram_needed  # the KV cache of every slot counted
+    assert plan.to_dict()["ctx_per_slot"] == 4096 and plan.to_dict()["parallel"] == 4
+    assert any(r.startswith("parallel=4 so that each is sure of at least 2048 tokens") for r in plan.reasons)
+
+
+def test_engine_plan_takes_fewer_slots_when_memory_is_short_and_obeys_parallel() -> None:
+    tight = make_plan(LLAMA2_7B, cpu_host(8, 7.5), slots=True)
+    assert tight.parallel < 4 and tight.ctx_per_slot >= MIN_CONTEXT
+    forced = make_plan(LLAMA2_7B, cpu_host(64, 60), Overrides(parallel=8), slots=True)
+    assert forced.parallel == 8 and forced.n_ctx == 8 * 4096
+    with pytest.raises(PlanError) as caught:
+        Overrides(parallel=0)
+    assert caught.value.message == "--parallel must be between 1 and 256, found 0"
+
+
+def test_without_the_engine_the_plan_is_one_slot_as_before() -> None:
+    assert make_plan(LLAMA2_7B, cpu_host(64, 60)).parallel == 1

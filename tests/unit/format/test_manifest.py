@@ -246,3 +246,22 @@ def test_stored_sha256_is_required_for_compressed_files_of_format_2_only() -> No
     assert parse_manifest(old.to_bytes()).format_version == 1  # installed format-1 manifests stay readable
     with pytest.raises(FormatError, match="reads format 2, found 1"):
         parse_manifest(old.to_bytes(), formats=(2,))
+
+
+def test_engine_files_and_embedding_models_round_trip() -> None:
+    engine = FileEntry("engine/llama-server", 30, "c" * 64, "engine", "zstd", 12, {"type": "built"},
+                       stored_sha256="d" * 64)
+    manifest = sample(files=(*sample().files, engine),
+                      models=(ModelEntry("tiny", ("models/tiny/tiny.gguf",), {"block_count": 2}, embedding=True),))
+    parsed = parse_manifest(manifest.to_bytes())
+    assert parsed == manifest and parsed.models[0].embedding is True
+    assert parsed.file("engine/llama-server").kind == "engine"
+    assert b'"embedding"' not in sample().to_bytes()  # a chat model's manifest bytes are as before
+
+
+def test_embedding_flag_must_be_a_boolean() -> None:
+    raw = json.loads(sample().to_bytes())
+    raw["models"][0]["embedding"] = "yes"
+    with pytest.raises(FormatError) as caught:
+        parse_manifest(json.dumps(raw).encode())
+    assert caught.value.message == "invalid model 'tiny': 'embedding' must be true or false, found 'yes'"

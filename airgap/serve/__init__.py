@@ -1,4 +1,9 @@
-"""Serve the installed models with llama-cpp-python's OpenAI-compatible server, sized to this host.
+"""Serve the installed models over an OpenAI- and Mistral-compatible API, sized to this host.
+
+A bundle built with the engine (`engine/llama-server`, see airgap.build.sources.engine) is served by llama.cpp's own
+server: one supervised llama-server per model on loopback (airgap.serve.engine), behind the guard
+(airgap.serve.guard), which is the only thing clients reach. A bundle without it (built before the engine
+existed, or with `[engine] llama_server = false`) falls back to llama-cpp-python's server, in process, as below.
 
 Two halves live here. The operator's side (`airgap serve`) reads the active installation, plans every
 model for this host, checks the bind address and API key, and replaces itself with the server process:
@@ -22,7 +27,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -31,6 +36,7 @@ from airgap.format.manifest import Manifest, parse_manifest
 from airgap.host import HostInfo, probe_host
 from airgap.plan import NO_OVERRIDES, ModelShape, Overrides, Plan, make_plan
 from airgap.prefix.paths import Prefix
+from airgap.serve.engine import ENGINE_BINARY, ENGINE_DIR, EngineModel
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -75,6 +81,7 @@ class InstalledModel:
     files: tuple[Path, ...]
     size: int
     gguf: Mapping[str, Any]
+    embedding: bool = False
 
     def shape(self) -> ModelShape:
         return ModelShape.from_gguf(self.id, self.gguf, self.size)
@@ -98,7 +105,16 @@ class Installation:
 
     @property
     def models(self) -> tuple[InstalledModel, ...]:
-        return tuple(_installed_model(self, entry.id, entry.files, entry.gguf) for entry in self.manifest.models)
+        return tuple(_installed_model(self, entry.id, entry.files, entry.gguf, entry.embedding)
+                     for entry in self.manifest.models)
+
+    @property
+    def engine(self) -> Path | None:
+        """llama-server of this version, when the bundle carries it."""
+        path = f"{ENGINE_DIR}/{ENGINE_BINARY}"
+        if not any(f.kind == "engine" and f.path == path for f in self.manifest.files):
+            return None
+        return self.root / path
 
 
 def read_installation(prefix: Path) -> Installation:
@@ -140,7 +156,7 @@ def runtime_supports_gpu(venv: Path) -> bool:
 
 
 def _installed_model(installation: Installation, model_id: str, paths: tuple[str, ...],
-                     gguf: Mapping[str, Any]) -> InstalledModel:
+                     gguf: Mapping[str, Any], embedding: bool = False) -> InstalledModel:
     files = tuple(installation.root / p for p in paths)
     for rel, path in zip(paths, files, strict=True):
         expected = installation.manifest.file(rel).size
@@ -153,7 +169,7 @@ def _installed_model(installation: Installation, model_id: str, paths: tuple[str
                              f"{expected}; run `airgap verify`")
     return InstalledModel(
         id=model_id, path=_entry_point(model_id, files), files=files,
-        size=sum(installation.manifest.file(p).size for p in paths), gguf=gguf,
+        size=sum(installation.manifest.file(p).size for p in paths), gguf=gguf, embedding=embedding,
     )
 
 
@@ -190,8 +206,19 @@ def plans_json(plans: Sequence[Plan], host: HostInfo | None = None, host_check: 
 
 def _plans(installation: Installation, models: Sequence[InstalledModel], overrides: Overrides,
            host: HostInfo) -> tuple[Plan, ...]:
-    gpu = runtime_supports_gpu(installation.venv)
-    return tuple(make_plan(m.shape(), host, overrides, gpu_offload=gpu) for m in models)
+    if installation.engine is None:
+        gpu = runtime_supports_gpu(installation.venv)
+        return tuple(make_plan(m.shape(), host, overrides, gpu_offload=gpu) for m in models)
+    # llama-server: every model is loaded at once, each in its own engine, so each is planned in what the
+    # ones before it left (weights and the KV cache of all its slots counted)
+    gpu = any(backend in f.path for f in installation.manifest.files if f.kind == "engine" for backend in _GPU_BACKENDS)
+    plans = []
+    left = host
+    for model in models:
+        plan = make_plan(model.shape(), left, overrides, gpu_offload=gpu, slots=True)
+        plans.append(plan)
+        left = replace(left, ram_available=max(left.ram_available - plan.ram_needed, 0))
+    return tuple(plans)
 
 
 # --- the API key and the bind address ------------------------------------------------------------------
@@ -255,24 +282,37 @@ class ServerConfig:
     models: tuple[Mapping[str, Any], ...]
     require_api_key: bool
     max_request_bytes: int = MAX_REQUEST_BYTES
+    engine: str | None = None  # llama-server to supervise; None: llama-cpp-python's server in process
 
     @property
     def model_ids(self) -> tuple[str, ...]:
-        return tuple(str(m["model_alias"]) for m in self.models)
+        return tuple(str(m["id"] if self.engine else m["model_alias"]) for m in self.models)
 
     def to_json(self) -> str:
         return json.dumps({
             "host": self.host, "port": self.port, "models": [dict(m) for m in self.models],
             "require_api_key": self.require_api_key, "max_request_bytes": self.max_request_bytes,
+            "engine": self.engine,
         }, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ServerConfig:
         raw = json.loads(text)
+        engine = raw.get("engine")
         return cls(
             host=str(raw["host"]), port=int(raw["port"]), models=tuple(raw["models"]),
             require_api_key=bool(raw["require_api_key"]), max_request_bytes=int(raw["max_request_bytes"]),
+            engine=None if engine is None else str(engine),
         )
+
+
+def engine_settings(model: InstalledModel, plan: Plan) -> dict[str, Any]:
+    """One model's llama-server settings and request limits, as plain values."""
+    settings = EngineModel(
+        id=model.id, path=str(model.path), n_ctx=plan.n_ctx, parallel=plan.parallel, n_threads=plan.n_threads,
+        n_threads_batch=plan.n_threads_batch, n_gpu_layers=plan.n_gpu_layers, embedding=model.embedding,
+    ).to_dict()
+    return {**settings, "max_tokens_default": plan.max_tokens_default, "max_tokens_cap": plan.n_ctx}
 
 
 def model_settings(model: InstalledModel, plan: Plan) -> dict[str, Any]:
@@ -330,9 +370,16 @@ def prepare_server(
         raise ServeError(f"the installed version has no Python environment: expected {installation.python}")
     models = select_models(installation.models, model)
     plans = _plans(installation, models, overrides, host_info or probe_host(environ=environ))
+    engine = installation.engine
+    if engine is not None and not os.access(engine, os.X_OK):
+        raise ServeError(f"the installed engine {engine} is missing or not executable; run `airgap verify`")
+    if engine is not None and not any(installation.venv.glob("lib/python*/site-packages/uvicorn")):
+        raise ServeError("the guard in front of llama-server needs uvicorn in the installed venv; expected the "
+                         "bundle to require llama-cpp-python[server] (or uvicorn), found no uvicorn")
+    settings = engine_settings if engine is not None else model_settings
     config = ServerConfig(
-        host=host, port=port, models=tuple(model_settings(m, p) for m, p in zip(models, plans, strict=True)),
-        require_api_key=api_key is not None,
+        host=host, port=port, models=tuple(settings(m, p) for m, p in zip(models, plans, strict=True)),
+        require_api_key=api_key is not None, engine=None if engine is None else str(engine),
     )
     env = {k: v for k, v in environ.items() if k in PASSED_ENV}
     env.setdefault("PATH", os.defpath)
@@ -416,7 +463,7 @@ def render_service(
     if model is not None:
         args += ["--model", model]
     for flag, value in (("--n-gpu-layers", overrides.n_gpu_layers), ("--n-ctx", overrides.n_ctx),
-                        ("--threads", overrides.threads)):
+                        ("--threads", overrides.threads), ("--parallel", overrides.parallel)):
         if value is not None:
             args += [flag, str(value)]
     exec_start = " ".join(systemd_quote(a) for a in args)
@@ -670,6 +717,9 @@ def main() -> int:
     except ServeError as exc:
         print(f"{SERVER_MODULE}: {exc}", file=sys.stderr)
         return 1
+    if config.engine is not None:
+        with listener:
+            return asyncio.run(_serve_engines(config, api_key, listener))
     with listener:
         try:
             app = build_app(config, api_key)
@@ -679,6 +729,72 @@ def main() -> int:
         print(f"airgap: serving {', '.join(config.model_ids)} on {config.host}:{config.port}"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
         return asyncio.run(_serve_until_stopped(app, config, listener))
+
+
+async def _serve_engines(config: ServerConfig, api_key: str | None, listener: socket.socket) -> int:
+    """Guard in front, engines behind: listen at once (/health says loading), load, then supervise."""
+    import uvicorn
+
+    from airgap.serve.engine import Supervisor
+    from airgap.serve.guard import EngineGuard, GuardSettings, limits_for
+    from airgap.serve.proxy import Upstream
+
+    assert config.engine is not None
+    try:
+        supervisor = Supervisor(Path(config.engine), [EngineModel.from_dict(m) for m in config.models], os.environ)
+    except ServeError as exc:
+        print(f"{SERVER_MODULE}: {exc}", file=sys.stderr)
+        return 1
+
+    def upstream_for(model_id: str) -> Upstream | None:
+        engine = supervisor.engines.get(model_id)
+        if engine is None or not engine.ready:
+            return None
+        return Upstream(engine.port, engine.key, native_tools=engine.native_tools)
+
+    settings = GuardSettings(None if api_key is None else api_key.encode(), limits_for(config.models),
+                             config.max_request_bytes)
+    app = EngineGuard(settings, upstream_for, lambda: supervisor.ready)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                sd_notify("STOPPING=1")
+                supervisor.terminate()  # uvicorn re-raises the signal once shut down; the engines go first
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="info", server_header=False, proxy_headers=False,
+        timeout_graceful_shutdown=10, lifespan="off",
+    ))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        await supervisor.start()
+    except ServeError as exc:
+        print(f"{SERVER_MODULE}: cannot load the models: {exc}", file=sys.stderr, flush=True)
+        server.should_exit = True
+        await supervisor.stop()
+        await serving
+        return 1
+    print(f"airgap: serving {', '.join(config.model_ids)} on {config.host}:{config.port} with llama-server"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    sd_notify(f"READY=1\nSTATUS=serving {', '.join(config.model_ids)} on {config.host}:{config.port}")
+    interval = watchdog_interval(os.environ, os.getpid())
+    feeding = asyncio.create_task(_feed_watchdog(interval)) if interval is not None else None
+    watching = asyncio.create_task(supervisor.watch())
+    done, _ = await asyncio.wait({serving, watching}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if watching in done and not supervisor.stopping:
+        print(f"{SERVER_MODULE}: {watching.result()}; exiting so that the service manager restarts it",
+              file=sys.stderr, flush=True)
+        server.should_exit = True
+        await serving
+        code = 1
+    watching.cancel()
+    if feeding is not None:
+        feeding.cancel()
+    await supervisor.stop()
+    return code
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1,0 +1,331 @@
+"""Compile llama.cpp's own server (`llama-server`) from the llama-cpp-python sdist, once per cache key.
+
+The llama-cpp-python sdist vendors llama.cpp (vendor/llama.cpp, with tools/server). airgap builds the server
+from those very sources, so the engine and the Python binding in a bundle are the same code. The build is made
+portable the way llama.cpp's releases are: ggml's CPU code is a set of loadable libraries, one per x86-64
+feature level, and ggml picks the best one the host supports at start (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS).
+
+Things the build takes care of (each checked after the build, the build fails otherwise):
+- no network: the web UI is neither built nor downloaded; as root the whole cmake run happens inside a fresh
+  network namespace (`unshare -n`) that has no interface at all;
+- RUNPATH is exactly `$ORIGIN` (CMake's default `$ORIGIN:` has an empty entry: the loader would search the
+  current directory);
+- nothing outside glibc is needed from the host: libstdc++, libgcc_s and libgomp travel beside the binary;
+- no OpenSSL;
+- the `sapphirerapids` variant is left out: on Xeons that report AMX it is chosen and dies with an illegal
+  instruction on its first computation (an open upstream bug).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from airgap.build.sources.wheels import Pin, Pip
+from airgap.errors import ResolveError
+from airgap.streams.pipeline import digest_file
+
+ENGINE_BINARY = "llama-server"
+BUILD_RECORD = "engine.json"
+LAYOUT_VERSION = 1  # bump when what is copied out of a finished compile changes
+
+# Every x86-64 CPU variant of the vendored ggml except sapphirerapids (see the module docstring).
+CPU_VARIANTS = (
+    "x64", "sse42", "sandybridge", "ivybridge", "piledriver", "haswell", "skylakex", "cannonlake",
+    "cascadelake", "icelake", "cooperlake", "zen4", "alderlake",
+)  # fmt: skip
+
+CMAKE_DEFINES: Mapping[str, str] = {
+    "CMAKE_BUILD_TYPE": "Release",
+    "BUILD_SHARED_LIBS": "ON",
+    "GGML_NATIVE": "OFF",
+    "GGML_BACKEND_DL": "ON",
+    "GGML_CPU_ALL_VARIANTS": "ON",
+    "LLAMA_BUILD_SERVER": "ON",
+    "LLAMA_BUILD_UI": "OFF",
+    "LLAMA_USE_PREBUILT_UI": "OFF",
+    "LLAMA_OPENSSL": "OFF",
+    "LLAMA_CURL": "OFF",
+    "LLAMA_BUILD_TESTS": "OFF",
+    "LLAMA_BUILD_EXAMPLES": "OFF",
+    "CMAKE_BUILD_WITH_INSTALL_RPATH": "ON",
+    "CMAKE_INSTALL_RPATH": "$ORIGIN",
+}
+
+# Libraries every glibc system has; anything else the engine needs must travel with it.
+_HOST_LIBRARIES = frozenset(
+    {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "ld-linux-x86-64.so.2"}
+)
+# Compiler runtime carried beside the binary, so a host with an older libstdc++ runs it.
+CARRIED_RUNTIME = ("libstdc++.so.6", "libgcc_s.so.1", "libgomp.so.1")
+_JOBS = "2"
+
+
+@dataclass(frozen=True)
+class EngineFile:
+    name: str  # file name inside the engine folder
+    path: Path  # where it lies in the cache
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    """llama-server and the libraries it loads, as they lie in the cache."""
+
+    folder: Path
+    files: tuple[EngineFile, ...]
+    cache_key: str
+    record: Mapping[str, object]  # what shaped it: sdist, flags, variants, glibc floor, seconds
+    cached: bool
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "airgap" / "engine"
+
+
+def builder_target() -> str:
+    return f"{sys.platform}-{os.uname().machine}"
+
+
+def cache_key(version: str, sdist_sha256: str) -> str:
+    inputs = {
+        "project": "llama-server",
+        "version": version,
+        "sdist_sha256": sdist_sha256,
+        "target": builder_target(),
+        "defines": dict(sorted(CMAKE_DEFINES.items())),
+        "variants": list(CPU_VARIANTS),
+        "layout": LAYOUT_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    return f"llama-server-{version}-{digest}"
+
+
+def cached_engine(cache_dir: Path, key: str) -> BuiltEngine | None:
+    """The engine built earlier under `key`, if every file still matches what the build recorded."""
+    folder = cache_dir / key
+    try:
+        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
+        recorded = dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    files = []
+    for name, sha256 in sorted(recorded.items()):
+        path = folder / "files" / name
+        if not path.is_file():
+            return None
+        digest = digest_file(path)
+        if digest.sha256 != sha256:
+            raise ResolveError(f"expected cached {path} with sha256 {sha256}, found {digest.sha256}")
+        files.append(EngineFile(name, path, digest.sha256, digest.size))
+    return BuiltEngine(folder / "files", tuple(files), key, record, cached=True)
+
+
+def build_engine(
+    sdist: Path, *, version: str, sdist_sha256: str, cache_dir: Path, progress: bool = True
+) -> BuiltEngine:
+    """Return the cached engine for this sdist, or compile it (about 10 minutes on 2 cores) and cache it."""
+    key = cache_key(version, sdist_sha256)
+    found = cached_engine(cache_dir, key)
+    if found is not None:
+        return found
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise ResolveError(f"expected {tool} on PATH to build llama-server, found none")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # the compile folder survives a failed attempt, so that a retry only redoes what is missing
+    work = cache_dir / f".work-{key}"
+    work.mkdir(exist_ok=True)
+    source = _extract_vendor(sdist, work / "src")
+    if progress:
+        print(f"building llama-server {version} from {sdist.name} (once per cache key; ~10 min on 2 cores)",
+              file=sys.stderr)
+    started = time.monotonic()
+    offline = _compile(source, work / "build", progress)
+    seconds = time.monotonic() - started
+    with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=cache_dir) as staging:
+        entry = Path(staging) / "entry"
+        (entry / "files").mkdir(parents=True)
+        names = _collect(work / "build" / "bin", entry / "files")
+        floor = glibc_floor([entry / "files" / n for n in names])
+        record = {
+            "project": "llama-server",
+            "version": version,
+            "sdist": sdist.name,
+            "sdist_sha256": sdist_sha256,
+            "target": builder_target(),
+            "defines": dict(CMAKE_DEFINES),
+            "variants": list(CPU_VARIANTS),
+            "glibc_floor": floor,
+            "built_offline": offline,
+            "seconds": round(seconds, 1),
+            "files": {n: digest_file(entry / "files" / n).sha256 for n in names},
+        }
+        (entry / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        final = cache_dir / key
+        try:
+            entry.rename(final)
+        except OSError:
+            if not (final / BUILD_RECORD).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                entry.rename(final)
+    shutil.rmtree(work, ignore_errors=True)
+    built = cached_engine(cache_dir, key)
+    if built is None:
+        raise ResolveError(f"expected a built engine in {cache_dir / key}, found none")
+    return BuiltEngine(built.folder, built.files, key, built.record, cached=False)
+
+
+def _extract_vendor(sdist: Path, into: Path) -> Path:
+    """Unpack only vendor/llama.cpp of the sdist (regular files and folders, no links out)."""
+    marker = into / ".complete"
+    if marker.is_file():
+        return into
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    try:
+        with tarfile.open(sdist, "r:gz") as archive:
+            members = []
+            for member in archive.getmembers():
+                parts = member.name.split("/", 1)
+                if len(parts) < 2 or not parts[1].startswith("vendor/llama.cpp/"):
+                    continue
+                member.name = parts[1].removeprefix("vendor/llama.cpp/")
+                if member.isfile() or member.isdir():
+                    members.append(member)
+            archive.extractall(into, members=members, filter="data")
+    except (OSError, tarfile.TarError) as exc:
+        raise ResolveError(f"expected a llama-cpp-python sdist with vendor/llama.cpp at {sdist}, found {exc}") from exc
+    if not (into / "tools" / "server" / "CMakeLists.txt").is_file():
+        raise ResolveError(f"expected vendor/llama.cpp/tools/server in {sdist.name}, found none")
+    marker.write_text("ok\n", encoding="utf-8")
+    return into
+
+
+def _offline_prefix() -> tuple[list[str], bool]:
+    """As root, run in a new network namespace with no interface: the build cannot reach anything."""
+    if os.geteuid() == 0 and shutil.which("unshare") is not None:
+        return ["unshare", "-n"], True
+    return [], False
+
+
+def _compile(source: Path, build: Path, progress: bool) -> bool:
+    prefix, offline = _offline_prefix()
+    defines = [f"-D{k}={v}" for k, v in CMAKE_DEFINES.items()]
+    env = {k: v for k, v in os.environ.items() if k not in {"CFLAGS", "CXXFLAGS", "LDFLAGS", "CMAKE_ARGS"}}
+    targets = [ENGINE_BINARY, *(f"ggml-cpu-{v}" for v in CPU_VARIANTS)]
+    steps = [
+        [*prefix, "cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *defines],
+        [*prefix, "cmake", "--build", str(build), "-j", _JOBS, "--target", *targets],
+    ]
+    for step in steps:
+        result = subprocess.run(step, env=env, stdout=None if progress else subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            tail = [line for line in result.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+            raise ResolveError(f"expected {' '.join(step[len(prefix):len(prefix) + 2])} to succeed building "
+                               f"llama-server, it failed: {tail[0].strip()}")
+    return offline
+
+
+def _collect(bin_dir: Path, into: Path) -> list[str]:
+    """Copy llama-server, the libraries it needs and every CPU variant into `into`; check each one."""
+    wanted = [ENGINE_BINARY, *(f"libggml-cpu-{v}.so" for v in CPU_VARIANTS)]
+    copied: list[str] = []
+    while wanted:
+        name = wanted.pop()
+        if name in copied:
+            continue
+        found = bin_dir / name
+        if not found.exists():
+            raise ResolveError(f"expected {name} in the llama-server build output {bin_dir}, found none")
+        shutil.copyfile(found.resolve(), into / name)
+        copied.append(name)
+        elf = read_elf(into / name)
+        if elf.runpath != "$ORIGIN":
+            raise ResolveError(f"expected RUNPATH exactly $ORIGIN in {name}, found {elf.runpath!r}")
+        wanted += [n for n in elf.needed if n not in _HOST_LIBRARIES and n not in CARRIED_RUNTIME]
+    for name in CARRIED_RUNTIME:
+        shutil.copyfile(compiler_library(name), into / name)
+        copied.append(name)
+    for name in copied:
+        leftover = [n for n in read_elf(into / name).needed if n not in _HOST_LIBRARIES and n not in copied]
+        if leftover:
+            raise ResolveError(f"expected {name} to need only glibc and carried libraries, it needs {leftover}")
+    return sorted(copied)
+
+
+def compiler_library(name: str) -> Path:
+    """The file of a compiler runtime library (libstdc++.so.6 and the like) the build linked against."""
+    result = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True)
+    path = Path(result.stdout.strip())
+    if result.returncode != 0 or not path.is_absolute() or not path.is_file():
+        raise ResolveError(f"expected gcc to know where {name} lies, found {result.stdout.strip()!r}")
+    return path.resolve()
+
+
+@dataclass(frozen=True)
+class ElfInfo:
+    needed: tuple[str, ...]
+    runpath: str | None
+
+
+def read_elf(path: Path) -> ElfInfo:
+    """DT_NEEDED and DT_RUNPATH/DT_RPATH of an ELF file, read with readelf (binutils, beside the compiler)."""
+    result = subprocess.run(["readelf", "-d", "-W", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ResolveError(f"expected an ELF file at {path}, readelf says: {result.stderr.strip()[:200]}")
+    needed = tuple(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", result.stdout))
+    runpath = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library (?:runpath|rpath): \[([^\]]*)\]", result.stdout)
+    return ElfInfo(needed, runpath.group(1) if runpath else None)
+
+
+def glibc_floor(paths: Sequence[Path]) -> str:
+    """The newest GLIBC_x.y symbol version any of the files asks for: the oldest glibc they run on."""
+    newest = (2, 0)
+    for path in paths:
+        for major, minor in re.findall(rb"GLIBC_(\d+)\.(\d+)", path.read_bytes()):
+            newest = max(newest, (int(major), int(minor)))
+    return f"{newest[0]}.{newest[1]}"
+
+
+def engine_for(sdist: Pin, pip: Pip, *, cache_dir: Path, progress: bool = True) -> BuiltEngine:
+    """The engine built from the pinned sdist: from the cache, or downloaded by hash and compiled once."""
+    found = cached_engine(cache_dir, cache_key(sdist.version, sdist.sha256))
+    if found is not None:
+        return found
+    with tempfile.TemporaryDirectory(prefix="airgap-engine-sdist-") as work:
+        path = pip.download_sdist(sdist, Path(work) / "sdist")
+        return build_engine(path, version=sdist.version, sdist_sha256=sdist.sha256, cache_dir=cache_dir,
+                            progress=progress)
+
+
+def manifest_source(engine: BuiltEngine) -> dict[str, str]:
+    """What the manifest records for each engine file: where it came from and what shaped it."""
+    record = engine.record
+    defines = record.get("defines", {})
+    assert isinstance(defines, dict)
+    variants = record.get("variants", [])
+    assert isinstance(variants, list)
+    return {
+        "type": "built",
+        "from": str(record.get("sdist", "")),
+        "sdist_sha256": str(record.get("sdist_sha256", "")),
+        "cache_key": engine.cache_key,
+        "cmake_defines": " ".join(f"{k}={v}" for k, v in sorted(defines.items())),
+        "variants": " ".join(str(v) for v in variants),
+        "glibc_floor": str(record.get("glibc_floor", "")),
+    }

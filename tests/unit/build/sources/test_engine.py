@@ -1,0 +1,125 @@
+"""The llama-server build (airgap.build.sources.engine): what shapes the cache key, what the build refuses, and (slow)
+the real build from the llama-cpp-python sdist with every property the bundle relies on checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from airgap.build.sources import engine
+from airgap.build.spec import load_spec
+from airgap.errors import ResolveError, SpecError
+from tests.conftest import KeyPair
+from tests.support import airgap, write_sdist, write_spec
+
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # llama-cpp-python 0.3.36
+
+
+def test_cache_key_covers_the_sdist_and_version() -> None:
+    key = engine.cache_key("0.3.36", SDIST_SHA256)
+    assert key.startswith("llama-server-0.3.36-") and key == engine.cache_key("0.3.36", SDIST_SHA256)
+    assert engine.cache_key("0.3.36", "0" * 63 + "1") != key
+    assert engine.cache_key("0.3.37", SDIST_SHA256) != key
+
+
+def test_the_flags_turn_off_every_download_and_the_amx_variant() -> None:
+    defines = engine.CMAKE_DEFINES
+    assert defines["LLAMA_BUILD_UI"] == "OFF" and defines["LLAMA_USE_PREBUILT_UI"] == "OFF"
+    assert defines["LLAMA_OPENSSL"] == "OFF" and defines["GGML_NATIVE"] == "OFF"
+    assert defines["CMAKE_INSTALL_RPATH"] == "$ORIGIN" and defines["CMAKE_BUILD_WITH_INSTALL_RPATH"] == "ON"
+    assert "sapphirerapids" not in engine.CPU_VARIANTS and "x64" in engine.CPU_VARIANTS
+
+
+def test_an_sdist_without_vendored_llama_cpp_is_refused(tmp_path: Path) -> None:
+    sdist = write_sdist(tmp_path, "llama_cpp_python", "0.3.36", {"pyproject.toml": "[project]\n"})
+    with pytest.raises(ResolveError) as caught:
+        engine.build_engine(sdist, version="0.3.36", sdist_sha256="1" * 64, cache_dir=tmp_path / "cache",
+                            progress=False)
+    assert caught.value.message == (
+        "expected vendor/llama.cpp/tools/server in llama_cpp_python-0.3.36.tar.gz, found none")
+
+
+def test_spec_engine_table_and_embedding_models(tmp_path: Path, tiny_model: Path) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[bundle]\nname = "s"\nversion = "1"\n[engine]\nllama_server = false\n'
+                    f'[[models]]\nid = "e"\npath = "{tiny_model}"\nembedding = true\n')
+    loaded = load_spec(spec)
+    assert loaded.engine is False and loaded.models[0].embedding is True
+    spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\nllama_server = "yes"\n')
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec)
+    assert caught.value.message == f"{spec}: engine.llama_server must be true or false, found 'yes'"
+    spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\ncuda = true\n')
+    with pytest.raises(SpecError) as unknown:
+        load_spec(spec)
+    assert unknown.value.message == f"{spec}: [engine] knows only 'llama_server', found cuda"
+
+
+def test_asking_for_the_engine_without_llama_cpp_python_fails_the_build(
+    tmp_path: Path, tiny_model: Path, wheelhouse: Path, keys: KeyPair,
+) -> None:
+    spec = write_spec(tmp_path, model=tiny_model, wheelhouse=wheelhouse, extra="\n[engine]\nllama_server = true\n")
+    built = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "dist", "-q")
+    assert built.code == 1
+    assert built.error_line == (f"airgap: error: {spec}: engine.llama_server = true builds llama-server from the "
+                                f"llama-cpp-python sdist; expected the requirements to build it from source, found "
+                                f"no llama-cpp-python")
+    assert not list(tmp_path.glob("dist/*.airgap"))
+
+
+@pytest.fixture(scope="session")
+def llama_sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                    "-d", str(folder), "llama-cpp-python==0.3.36"], check=True)
+    return next(folder.glob("llama_cpp_python-0.3.36.tar.gz"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 10 minutes on two cores the first time, then from the cache
+def test_the_real_build_is_portable_offline_and_cached(llama_sdist: Path, tmp_path: Path) -> None:
+    built = engine.build_engine(llama_sdist, version="0.3.36", sdist_sha256=SDIST_SHA256,
+                                cache_dir=engine.default_cache_dir(), progress=False)
+    names = {f.name for f in built.files}
+    assert {"llama-server", "libllama.so.0", "libggml-base.so.0", "libstdc++.so.6", "libgcc_s.so.1",
+            "libgomp.so.1", *(f"libggml-cpu-{v}.so" for v in engine.CPU_VARIANTS)} <= names
+    assert not any("sapphirerapids" in n for n in names)
+    for file in built.files:
+        elf = engine.read_elf(file.path)
+        if file.name not in engine.CARRIED_RUNTIME:
+            assert elf.runpath == "$ORIGIN", file.name
+        assert not any("ssl" in n or "crypto" in n or "curl" in n for n in elf.needed), (file.name, elf.needed)
+    floor = str(built.record["glibc_floor"])
+    assert floor == engine.glibc_floor([f.path for f in built.files])
+    host = os.confstr("CS_GNU_LIBC_VERSION") or ""  # "glibc 2.36"
+    assert tuple(map(int, floor.split("."))) <= tuple(map(int, host.split()[-1].split(".")))
+    assert built.record["built_offline"] is True  # cmake ran in a network namespace with no interface
+    again = engine.build_engine(llama_sdist, version="0.3.36", sdist_sha256=SDIST_SHA256,
+                                cache_dir=engine.default_cache_dir(), progress=False)
+    assert again.cached and again.files == built.files
+
+    # a cached file changed afterwards is refused, naming it
+    copy = tmp_path / "cache"
+    shutil.copytree(built.folder.parent, copy / built.cache_key)
+    victim = copy / built.cache_key / "files" / "libggml-cpu-x64.so"
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(ResolveError) as caught:
+        engine.cached_engine(copy, built.cache_key)
+    assert caught.value.message.startswith(f"expected cached {victim} with sha256 ")
+
+    # the binary runs from any folder, finding its libraries beside itself through $ORIGIN alone
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(built.folder, folder)
+    (folder / "llama-server").chmod(0o555)
+    version = subprocess.run([str(folder / "llama-server"), "--version"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=60, check=False, env={"PATH": os.defpath})
+    assert version.returncode == 0, version.stderr[-2000:]
+    assert "built with GNU" in version.stdout + version.stderr
+    record = json.loads((built.folder.parent / engine.BUILD_RECORD).read_text())
+    assert record["sdist_sha256"] == SDIST_SHA256
