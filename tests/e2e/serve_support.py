@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +46,6 @@ def byte_vocab() -> tuple[list[str], list[int]]:
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     types += [gguf.TokenType.BYTE] * 256
     return tokens, [int(t) for t in types]
-
-
-def tiny_gguf_metadata() -> dict[str, Any]:
-    """The `gguf` mapping the build step records in the manifest for the tiny model."""
-    tokens, _ = byte_vocab()
-    head_dim = TINY_WIDTH // TINY_HEADS
-    params = _tiny_parameter_count(len(tokens))
-    return {
-        "architecture": "llama", "block_count": TINY_LAYERS, "embedding_length": TINY_WIDTH,
-        "head_count": TINY_HEADS, "head_count_kv": TINY_KV_HEADS, "key_length": head_dim, "value_length": head_dim,
-        "context_length": TINY_CONTEXT, "file_type": "ALL_F32", "parameter_count": params,
-        "tensor_bytes": params * 4, "vocab_size": len(tokens), "has_chat_template": True, "gguf_version": 3,
-    }
-
-
-def _tiny_parameter_count(vocab: int) -> int:
-    kv_width = TINY_KV_HEADS * (TINY_WIDTH // TINY_HEADS)
-    per_layer = 2 * TINY_WIDTH + 2 * TINY_WIDTH * TINY_WIDTH + 2 * TINY_WIDTH * kv_width + 3 * TINY_WIDTH * TINY_FFN
-    return 2 * vocab * TINY_WIDTH + TINY_WIDTH + TINY_LAYERS * per_layer
 
 
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
@@ -130,44 +111,45 @@ def write_tiny_gguf(path: Path, seed: int = 0, fim: bool = False) -> Path:
 
 
 @dataclass(frozen=True)
-class FakeInstall:
+class TestInstall:
     prefix: Path
     model_ids: tuple[str, ...]
+    version: Path  # the installed version's folder, versions/<generation>
 
 
 def make_installed_prefix(
     root: Path, model_ids: tuple[str, ...] = ("tiny-chat",), venv: Path = TEST_VENV,
-) -> FakeInstall:
-    """Lay out P/versions/g1 + P/current the way `airgap install` does, with models symlinked from P/store."""
-    from airgap.format.manifest import FileEntry, Manifest, ModelEntry
-    from airgap.streams.pipeline import digest_file
+) -> TestInstall:
+    """A prefix made by the real code paths: tiny GGUFs, their metadata read by the builder's GGUF reader, a
+    signed bundle from the real writer, installed by `install_bundle`. The bundle carries no wheels (a
+    llama.cpp build per test would take minutes), so the one hand-made piece is the version's `venv`: a link
+    to `venv`, the test environment that has llama-cpp-python."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    prefix = root / "prefix"
-    version = prefix / "versions" / "g1"
-    store = prefix / "store"
-    store.mkdir(parents=True)
-    version.mkdir(parents=True)
-    files: list[FileEntry] = []
+    from airgap.build.sources.gguf_meta import read_gguf_metadata
+    from airgap.format.manifest import ModelEntry, check_gguf
+    from airgap.prefix.install import install_bundle
+    from airgap.trust.signing import TrustPolicy
+    from tests.support import make_test_bundle
+
+    work = root / "bundle"
+    work.mkdir(parents=True)
+    files: dict[str, bytes] = {}
     models: list[ModelEntry] = []
     for n, model_id in enumerate(model_ids):
-        blob = write_tiny_gguf(store / f"tmp-{n}.gguf", seed=n)
-        digest = digest_file(blob)
-        stored = store / digest.sha256
-        blob.rename(stored)
+        local = write_tiny_gguf(work / f"model-{n}.gguf", seed=n)
         rel = f"models/{model_id}/{model_id}.gguf"
-        (version / rel).parent.mkdir(parents=True)
-        (version / rel).symlink_to(stored)
-        files.append(FileEntry(path=rel, size=digest.size, sha256=digest.sha256, kind="model", stored_size=digest.size))
-        models.append(ModelEntry(id=model_id, files=(rel,), gguf=tiny_gguf_metadata()))
+        files[rel] = local.read_bytes()
+        models.append(ModelEntry(id=model_id, files=(rel,), gguf=check_gguf(model_id, read_gguf_metadata(local))))
+    key = Ed25519PrivateKey.generate()
     now = datetime.now(UTC).replace(microsecond=0)
-    manifest = Manifest(
-        name="tiny", version="1.0.0", created=now, expires=now + timedelta(days=30), tool_version="0.1.0",
-        files=tuple(files), models=tuple(models),
-    ).with_sha256sums()
-    (version / "manifest.json").write_bytes(manifest.to_bytes())
+    bundle = make_test_bundle(work, files, key, name="tiny", version="1.0.0", expires_days=30,
+                              models=tuple(models), created=now)
+    prefix = root / "prefix"
+    report = install_bundle(bundle, prefix, TrustPolicy((key.public_key(),)), progress=False)
+    version = prefix / "versions" / report.generation.id
     (version / "venv").symlink_to(venv)
-    (prefix / "current").symlink_to(Path("versions") / "g1")
-    return FakeInstall(prefix=prefix, model_ids=model_ids)
+    return TestInstall(prefix=prefix, model_ids=model_ids, version=version)
 
 
 def overlay_venv(root: Path, venv: Path = TEST_VENV) -> Path:

@@ -135,7 +135,7 @@ def test_a_bundle_signed_with_a_leaked_key_is_still_parsed_strictly(
 def test_plan_on_an_installed_manifest_with_absurd_gguf_counts_is_one_line(tmp_path: Path) -> None:
     """A version installed before counts were bounded: plan names the field instead of a MemoryError."""
     install = make_installed_prefix(tmp_path)
-    path = install.prefix / "versions" / "g1" / "manifest.json"
+    path = install.version / "manifest.json"
     raw = json.loads(path.read_bytes())
     raw["models"][0]["gguf"]["block_count"] = 2**63
     path.write_text(json.dumps(raw, sort_keys=True, indent=1) + "\n")

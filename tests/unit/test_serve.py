@@ -51,24 +51,24 @@ HOST = HostInfo(ram_total=8 << 30, ram_available=7 << 30, cpus=2, cores=2)
 
 
 @pytest.fixture(scope="module")
-def install(tmp_path_factory: pytest.TempPathFactory) -> support.FakeInstall:
+def install(tmp_path_factory: pytest.TempPathFactory) -> support.TestInstall:
     return support.make_installed_prefix(tmp_path_factory.mktemp("serve"), ("tiny-chat", "tiny-two"))
 
 
 # --- the installed layout ------------------------------------------------------------------------------
 
-def test_active_models_reads_the_current_version(install: support.FakeInstall) -> None:
+def test_active_models_reads_the_current_version(install: support.TestInstall) -> None:
     models = active_models(install.prefix)
     assert [m.id for m in models] == ["tiny-chat", "tiny-two"]
-    root = (install.prefix / "versions" / "g1").resolve()
+    root = install.version.resolve()
     assert models[0].path == root / "models" / "tiny-chat" / "tiny-chat.gguf"
     assert models[0].size == models[0].path.stat().st_size
     assert models[0].shape().n_layer == support.TINY_LAYERS
 
 
-def test_the_version_is_pinned_when_read(install: support.FakeInstall) -> None:
-    assert read_installation(install.prefix).root == (install.prefix / "versions" / "g1").resolve()
-    assert read_installation(install.prefix).python == install.prefix / "versions" / "g1" / "venv" / "bin" / "python"
+def test_the_version_is_pinned_when_read(install: support.TestInstall) -> None:
+    assert read_installation(install.prefix).root == install.version.resolve()
+    assert read_installation(install.prefix).python == install.version / "venv" / "bin" / "python"
 
 
 def test_missing_installation_is_explained(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_a_truncated_model_file_is_caught(tmp_path: Path) -> None:
         active_models(fake.prefix)
 
 
-def test_select_models_by_id(install: support.FakeInstall) -> None:
+def test_select_models_by_id(install: support.TestInstall) -> None:
     models = active_models(install.prefix)
     assert select_models(models, None) == models
     assert [m.id for m in select_models(models, "tiny-two")] == ["tiny-two"]
@@ -112,7 +112,7 @@ def test_gpu_support_is_read_from_the_venv_libraries(tmp_path: Path) -> None:
     assert not runtime_supports_gpu(support.TEST_VENV)  # this machine's build is CPU only
 
 
-def test_plan_for_plans_every_model(install: support.FakeInstall) -> None:
+def test_plan_for_plans_every_model(install: support.TestInstall) -> None:
     plans = plan_for(install.prefix, host=HOST)
     assert [p.model_id for p in plans] == ["tiny-chat", "tiny-two"]
     assert all(p.n_ctx == support.TINY_CONTEXT and p.n_gpu_layers == 0 for p in plans)
@@ -155,14 +155,14 @@ def test_weak_or_exposed_keys_are_refused(tmp_path: Path) -> None:
         load_api_key(tmp_path / "absent", {})
 
 
-def test_binding_beyond_loopback_needs_a_key(install: support.FakeInstall) -> None:
+def test_binding_beyond_loopback_needs_a_key(install: support.TestInstall) -> None:
     with pytest.raises(ServeError, match="API key is required"):
         prepare_server(install.prefix, host="0.0.0.0", environ={}, host_info=HOST)
     launch = prepare_server(install.prefix, host="0.0.0.0", environ={API_KEY_ENV: KEY}, host_info=HOST)
     assert launch.config.require_api_key
 
 
-def test_launch_keeps_the_key_out_of_argv_and_the_environment_clean(install: support.FakeInstall) -> None:
+def test_launch_keeps_the_key_out_of_argv_and_the_environment_clean(install: support.TestInstall) -> None:
     environ = {API_KEY_ENV: KEY, "PATH": "/usr/bin", "MODEL": "/evil.gguf", "CONFIG_FILE": "/evil.json",
                "HF_TOKEN": "hf_secret", "CUDA_VISIBLE_DEVICES": "0", "https_proxy": "http://proxy:3128"}
     launch = prepare_server(install.prefix, port=9000, environ=environ, host_info=HOST)
@@ -183,7 +183,7 @@ def test_launch_keeps_the_key_out_of_argv_and_the_environment_clean(install: sup
     assert (config.host, config.port) == ("127.0.0.1", 9000)
 
 
-def test_bad_ports_are_refused(install: support.FakeInstall) -> None:
+def test_bad_ports_are_refused(install: support.TestInstall) -> None:
     with pytest.raises(ServeError, match="port"):
         prepare_server(install.prefix, port=0, environ={}, host_info=HOST)
 
@@ -287,7 +287,7 @@ def test_systemd_quoting() -> None:
         systemd_quote("a\nb")
 
 
-def test_service_unit_is_hardened(install: support.FakeInstall, tmp_path: Path) -> None:
+def test_service_unit_is_hardened(install: support.TestInstall, tmp_path: Path) -> None:
     unit = render_service(install.prefix, host="0.0.0.0", port=8443, api_key_file=Path("/etc/airgap/api-key"),
                           overrides=Overrides(n_ctx=4096), allow_from=["10.0.0.0/8"])
     lines = set(unit.splitlines())
@@ -302,7 +302,7 @@ def test_service_unit_is_hardened(install: support.FakeInstall, tmp_path: Path) 
                           " --host 0.0.0.0 --port 8443 --n-ctx 4096 --api-key-file %d/api-key")
 
 
-def test_loopback_unit_allows_only_localhost_and_gpu_unit_opens_nvidia_devices(install: support.FakeInstall) -> None:
+def test_loopback_unit_allows_only_localhost_and_gpu_unit_opens_nvidia_devices(install: support.TestInstall) -> None:
     local = set(render_service(install.prefix).splitlines())
     assert {"IPAddressDeny=any", "IPAddressAllow=localhost"} <= local
     assert not any(line.startswith("LoadCredential") for line in local)
@@ -311,7 +311,7 @@ def test_loopback_unit_allows_only_localhost_and_gpu_unit_opens_nvidia_devices(i
             "AmbientCapabilities=CAP_NET_BIND_SERVICE"} <= gpu
 
 
-def test_unit_refuses_what_it_cannot_express(install: support.FakeInstall) -> None:
+def test_unit_refuses_what_it_cannot_express(install: support.TestInstall) -> None:
     with pytest.raises(ServeError, match="API key file"):
         render_service(install.prefix, host="0.0.0.0")
     with pytest.raises(ServeError, match="absolute"):
@@ -325,7 +325,7 @@ def test_unit_refuses_what_it_cannot_express(install: support.FakeInstall) -> No
     {}, {"host": "0.0.0.0", "api_key_file": Path("/etc/airgap/api-key"), "allow_from": ["192.168.0.0/16"]},
     {"gpu": True, "user": "airgap", "port": 443, "model": "tiny-two", "overrides": Overrides(n_gpu_layers=-1)},
 ])
-def test_service_unit_passes_systemd_analyze_verify(install: support.FakeInstall, tmp_path: Path,
+def test_service_unit_passes_systemd_analyze_verify(install: support.TestInstall, tmp_path: Path,
                                                     variant: dict[str, Any]) -> None:
     unit = tmp_path / "airgap.service"
     unit.write_text(render_service(install.prefix, **variant))
@@ -338,7 +338,7 @@ def test_service_unit_passes_systemd_analyze_verify(install: support.FakeInstall
 # --- the real server (llama.cpp loading the tiny GGUF) -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(install: support.FakeInstall) -> Iterator[Any]:
+def server(install: support.TestInstall) -> Iterator[Any]:
     launch = prepare_server(install.prefix, port=support.free_port(), environ={API_KEY_ENV: KEY, "PATH": os.defpath},
                             extra_env=support.worktree_env())
     process = start_server(launch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -470,7 +470,7 @@ def test_twenty_concurrent_clients_are_all_answered(server: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
-def test_serves_inside_a_network_namespace_with_only_loopback(install: support.FakeInstall) -> None:
+def test_serves_inside_a_network_namespace_with_only_loopback(install: support.TestInstall) -> None:
     script = Path(support.__file__)
     command = f"ip link set lo up && exec {sys.executable} {script} {install.prefix}"
     env = {**support.environ_without(API_KEY_ENV), **support.worktree_env()}
@@ -510,7 +510,7 @@ def test_serve_execs_the_server_which_reports_ready_and_feeds_the_watchdog(tmp_p
         assert message == b"STOPPING=1"
 
 
-def test_a_taken_port_fails_at_once_with_a_clear_message(install: support.FakeInstall) -> None:
+def test_a_taken_port_fails_at_once_with_a_clear_message(install: support.TestInstall) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
