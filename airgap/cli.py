@@ -651,9 +651,9 @@ def plan_options(func: F) -> F:
 
 def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
                     parallel: int | None = None) -> Any:
-    from airgap.plan import Overrides
+    from airgap.plan import PlanChoices
 
-    return Overrides(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, parallel=parallel)
+    return PlanChoices(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, parallel=parallel)
 
 
 @main.command()

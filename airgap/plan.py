@@ -98,7 +98,7 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class Overrides:
+class PlanChoices:
     """Operator choices; each one replaces the planner's."""
 
     n_gpu_layers: int | None = None  # -1: every layer
@@ -117,7 +117,7 @@ class Overrides:
             raise PlanError(f"--threads must be at least 1, found {self.threads}")
 
 
-NO_OVERRIDES = Overrides()
+NO_CHOICES = PlanChoices()
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def footprint(shape: ModelShape, n_gpu_layers: int, n_ctx: int, gpu_count: int =
 
 
 def make_plan(
-    shape: ModelShape, host: HostInfo, overrides: Overrides = NO_OVERRIDES, gpu_offload: bool = True,
+    shape: ModelShape, host: HostInfo, overrides: PlanChoices = NO_CHOICES, gpu_offload: bool = True,
     slots: bool = False,
 ) -> Plan:
     """Choose n_gpu_layers, n_ctx and threads for `shape` on `host`; PlanError when it cannot fit.
@@ -361,7 +361,7 @@ def _context_bounds(shape: ModelShape) -> tuple[int, int]:
     return min(trained, MAX_CONTEXT), min(trained, MIN_CONTEXT)
 
 
-def _threads(host: HostInfo, overrides: Overrides) -> tuple[int, int, str]:
+def _threads(host: HostInfo, overrides: PlanChoices) -> tuple[int, int, str]:
     if overrides.threads is not None:
         return overrides.threads, overrides.threads, f"threads={overrides.threads} as requested"
     # One thread per physical core (hyper-threads only contend in llama.cpp's spinning thread pool), less one

@@ -34,7 +34,7 @@ from typing import IO, Any, NoReturn
 from airgap.errors import FormatError, ServeError
 from airgap.format.manifest import Manifest, parse_manifest
 from airgap.host import HostInfo, probe_host
-from airgap.plan import NO_OVERRIDES, ModelShape, Overrides, Plan, make_plan
+from airgap.plan import NO_CHOICES, ModelShape, Plan, PlanChoices, make_plan
 from airgap.prefix.paths import Prefix
 from airgap.serve.engine import ENGINE_BINARY, ENGINE_DIR, EngineModel
 
@@ -73,7 +73,7 @@ _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf\Z")
 # --- the installed layout -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class InstalledModel:
+class ServedModel:
     """A model of the active version: the id clients ask for and the GGUF file llama.cpp opens."""
 
     id: str
@@ -104,7 +104,7 @@ class Installation:
         return self.venv / "bin" / "python"
 
     @property
-    def models(self) -> tuple[InstalledModel, ...]:
+    def models(self) -> tuple[ServedModel, ...]:
         return tuple(_installed_model(self, entry.id, entry.files, entry.gguf, entry.embedding)
                      for entry in self.manifest.models)
 
@@ -133,12 +133,12 @@ def read_installation(prefix: Path) -> Installation:
     return Installation(prefix=prefix, root=root, manifest=manifest)
 
 
-def active_models(prefix: Path) -> tuple[InstalledModel, ...]:
+def active_models(prefix: Path) -> tuple[ServedModel, ...]:
     """The models of the active version, with their files checked to exist at the size the manifest says."""
     return read_installation(prefix).models
 
 
-def select_models(models: Sequence[InstalledModel], model_id: str | None) -> tuple[InstalledModel, ...]:
+def select_models(models: Sequence[ServedModel], model_id: str | None) -> tuple[ServedModel, ...]:
     if not models:
         raise ServeError("the installed bundle has no models to serve")
     if model_id is None:
@@ -156,7 +156,7 @@ def runtime_supports_gpu(venv: Path) -> bool:
 
 
 def _installed_model(installation: Installation, model_id: str, paths: tuple[str, ...],
-                     gguf: Mapping[str, Any], embedding: bool = False) -> InstalledModel:
+                     gguf: Mapping[str, Any], embedding: bool = False) -> ServedModel:
     files = tuple(installation.root / p for p in paths)
     for rel, path in zip(paths, files, strict=True):
         expected = installation.manifest.file(rel).size
@@ -167,7 +167,7 @@ def _installed_model(installation: Installation, model_id: str, paths: tuple[str
         if found != expected:
             raise ServeError(f"model {model_id!r}: installed file {path} is {found} bytes, the manifest says "
                              f"{expected}; run `airgap verify`")
-    return InstalledModel(
+    return ServedModel(
         id=model_id, path=_entry_point(model_id, files), files=files,
         size=sum(installation.manifest.file(p).size for p in paths), gguf=gguf, embedding=embedding,
     )
@@ -188,7 +188,7 @@ def _entry_point(model_id: str, files: tuple[Path, ...]) -> Path:
 # --- planning -------------------------------------------------------------------------------------------
 
 def plan_for(
-    prefix: Path, model: str | None = None, overrides: Overrides = NO_OVERRIDES, host: HostInfo | None = None,
+    prefix: Path, model: str | None = None, overrides: PlanChoices = NO_CHOICES, host: HostInfo | None = None,
 ) -> tuple[Plan, ...]:
     """One plan per served model. llama-cpp-python keeps one model loaded at a time, so each gets the host."""
     installation = read_installation(prefix)
@@ -204,7 +204,7 @@ def plans_json(plans: Sequence[Plan], host: HostInfo | None = None, host_check: 
     return json.dumps(document, indent=2, sort_keys=True)
 
 
-def _plans(installation: Installation, models: Sequence[InstalledModel], overrides: Overrides,
+def _plans(installation: Installation, models: Sequence[ServedModel], overrides: PlanChoices,
            host: HostInfo) -> tuple[Plan, ...]:
     if installation.engine is None:
         gpu = runtime_supports_gpu(installation.venv)
@@ -306,7 +306,7 @@ class ServerConfig:
         )
 
 
-def engine_settings(model: InstalledModel, plan: Plan) -> dict[str, Any]:
+def engine_settings(model: ServedModel, plan: Plan) -> dict[str, Any]:
     """One model's llama-server settings and request limits, as plain values."""
     settings = EngineModel(
         id=model.id, path=str(model.path), n_ctx=plan.n_ctx, parallel=plan.parallel, n_threads=plan.n_threads,
@@ -315,7 +315,7 @@ def engine_settings(model: InstalledModel, plan: Plan) -> dict[str, Any]:
     return {**settings, "max_tokens_default": plan.max_tokens_default, "max_tokens_cap": plan.n_ctx}
 
 
-def model_settings(model: InstalledModel, plan: Plan) -> dict[str, Any]:
+def model_settings(model: ServedModel, plan: Plan) -> dict[str, Any]:
     """llama_cpp.server ModelSettings for one model, as plain values."""
     return {
         "model": str(model.path),
@@ -353,7 +353,7 @@ def prepare_server(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     api_key_file: Path | None = None,
-    overrides: Overrides = NO_OVERRIDES,
+    overrides: PlanChoices = NO_CHOICES,
     environ: Mapping[str, str] = os.environ,
     host_info: HostInfo | None = None,
     extra_env: Mapping[str, str] | None = None,
@@ -397,7 +397,7 @@ def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     api_key_file: Path | None = None,
-    overrides: Overrides = NO_OVERRIDES,
+    overrides: PlanChoices = NO_CHOICES,
     log: IO[str] | None = None,
     before_exec: Callable[[Launch], None] | None = None,
 ) -> NoReturn:
@@ -437,7 +437,7 @@ def render_service(
     port: int = DEFAULT_PORT,
     model: str | None = None,
     api_key_file: Path | None = None,
-    overrides: Overrides = NO_OVERRIDES,
+    overrides: PlanChoices = NO_CHOICES,
     gpu: bool = False,
     user: str | None = None,
     allow_from: Sequence[str] = (),

@@ -13,7 +13,7 @@ from airgap.plan import (
     MAX_CONTEXT,
     MIN_CONTEXT,
     ModelShape,
-    Overrides,
+    PlanChoices,
     footprint,
     make_plan,
     ram_budget,
@@ -150,7 +150,7 @@ def test_long_context_models_are_capped_but_can_be_asked_for_more() -> None:
     plan = make_plan(long_ctx, big_ram)
     assert plan.n_ctx == MAX_CONTEXT
     assert any("--n-ctx" in r for r in plan.reasons)
-    assert make_plan(long_ctx, big_ram, Overrides(n_ctx=131072)).n_ctx == 131072
+    assert make_plan(long_ctx, big_ram, PlanChoices(n_ctx=131072)).n_ctx == 131072
 
 
 def test_small_model_gets_its_whole_trained_context() -> None:
@@ -160,7 +160,7 @@ def test_small_model_gets_its_whole_trained_context() -> None:
 
 def test_flags_override_every_choice_even_when_they_do_not_fit() -> None:
     host = cpu_host(16, 15)
-    plan = make_plan(LLAMA3_70B, host, Overrides(n_gpu_layers=0, n_ctx=1024, threads=3))
+    plan = make_plan(LLAMA3_70B, host, PlanChoices(n_gpu_layers=0, n_ctx=1024, threads=3))
     assert (plan.n_gpu_layers, plan.n_ctx, plan.n_threads, plan.n_threads_batch) == (0, 1024, 3, 3)
     assert not plan.fits
     assert any(r.startswith("warning:") for r in plan.reasons)
@@ -168,10 +168,10 @@ def test_flags_override_every_choice_even_when_they_do_not_fit() -> None:
 
 def test_forced_gpu_layers_still_get_an_automatic_context() -> None:
     host = gpu_host(64, 60, 24)
-    plan = make_plan(MISTRAL_7B, host, Overrides(n_gpu_layers=10))
+    plan = make_plan(MISTRAL_7B, host, PlanChoices(n_gpu_layers=10))
     assert plan.n_gpu_layers == 10
     assert_fits_and_is_maximal(MISTRAL_7B, host, plan.n_ctx, 10)
-    assert make_plan(MISTRAL_7B, host, Overrides(n_gpu_layers=-1)).n_gpu_layers == 33
+    assert make_plan(MISTRAL_7B, host, PlanChoices(n_gpu_layers=-1)).n_gpu_layers == 33
 
 
 def test_a_context_too_small_to_chat_is_refused_with_a_hint() -> None:
@@ -213,7 +213,7 @@ def test_malformed_gguf_metadata_is_refused(bad: dict[str, Any]) -> None:
 ])
 def test_nonsense_overrides_are_refused(overrides: dict[str, int]) -> None:
     with pytest.raises(PlanError):
-        Overrides(**overrides)
+        PlanChoices(**overrides)
 
 
 def test_several_gpus_get_a_tensor_split_in_proportion_to_their_usable_memory() -> None:
@@ -238,10 +238,10 @@ def test_engine_plan_gives_each_slot_its_context_from_one_shared_kv_cache() -> N
 def test_engine_plan_takes_fewer_slots_when_memory_is_short_and_obeys_parallel() -> None:
     tight = make_plan(LLAMA2_7B, cpu_host(8, 7.5), slots=True)
     assert tight.parallel < 4 and tight.ctx_per_slot >= MIN_CONTEXT
-    forced = make_plan(LLAMA2_7B, cpu_host(64, 60), Overrides(parallel=8), slots=True)
+    forced = make_plan(LLAMA2_7B, cpu_host(64, 60), PlanChoices(parallel=8), slots=True)
     assert forced.parallel == 8 and forced.n_ctx == 8 * 4096
     with pytest.raises(PlanError) as caught:
-        Overrides(parallel=0)
+        PlanChoices(parallel=0)
     assert caught.value.message == "--parallel must be between 1 and 256, found 0"
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from airgap.errors import ServeError
 from airgap.host import HostInfo
-from airgap.plan import Overrides
+from airgap.plan import PlanChoices
 from airgap.serve import (
     API_KEY_ENV,
     OFFLINE_ENV,
@@ -116,7 +116,7 @@ def test_plan_for_plans_every_model(install: support.TestInstall) -> None:
     plans = plan_for(install.prefix, host=HOST)
     assert [p.model_id for p in plans] == ["tiny-chat", "tiny-two"]
     assert all(p.n_ctx == support.TINY_CONTEXT and p.n_gpu_layers == 0 for p in plans)
-    forced = plan_for(install.prefix, "tiny-two", Overrides(n_ctx=512, threads=1), host=HOST)
+    forced = plan_for(install.prefix, "tiny-two", PlanChoices(n_ctx=512, threads=1), host=HOST)
     assert [(p.model_id, p.n_ctx, p.n_threads) for p in forced] == [("tiny-two", 512, 1)]
     document = json.loads(plans_json(plans, HOST))
     assert document["host"]["ram_total"] == HOST.ram_total
@@ -289,7 +289,7 @@ def test_systemd_quoting() -> None:
 
 def test_service_unit_is_hardened(install: support.TestInstall, tmp_path: Path) -> None:
     unit = render_service(install.prefix, host="0.0.0.0", port=8443, api_key_file=Path("/etc/airgap/api-key"),
-                          overrides=Overrides(n_ctx=4096), allow_from=["10.0.0.0/8"])
+                          overrides=PlanChoices(n_ctx=4096), allow_from=["10.0.0.0/8"])
     lines = set(unit.splitlines())
     for expected in ("DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
                      "PrivateDevices=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
@@ -323,7 +323,7 @@ def test_unit_refuses_what_it_cannot_express(install: support.TestInstall) -> No
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (package systemd)")
 @pytest.mark.parametrize("variant", [
     {}, {"host": "0.0.0.0", "api_key_file": Path("/etc/airgap/api-key"), "allow_from": ["192.168.0.0/16"]},
-    {"gpu": True, "user": "airgap", "port": 443, "model": "tiny-two", "overrides": Overrides(n_gpu_layers=-1)},
+    {"gpu": True, "user": "airgap", "port": 443, "model": "tiny-two", "overrides": PlanChoices(n_gpu_layers=-1)},
 ])
 def test_service_unit_passes_systemd_analyze_verify(install: support.TestInstall, tmp_path: Path,
                                                     variant: dict[str, Any]) -> None:
