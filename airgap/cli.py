@@ -256,7 +256,7 @@ def build(spec: Path, keys: tuple[Path, ...], out_dir: Path, upgrade: bool, hub_
     """Fetch what SPEC names, pin it and pack one signed bundle. Prints the bundle's path last."""
     from airgap.build.builder import BuildOptions, build_bundle
     from airgap.build.spec import load_spec
-    from airgap.host import load_probe
+    from airgap.hardware.facts import load_probe
 
     signers = [_signing_key(k) for k in keys]
     options = BuildOptions(out_dir=out_dir, upgrade=upgrade, progress=not quiet, hub_endpoint=hub_endpoint,
@@ -419,7 +419,7 @@ def _print_sbom(bundle: Path, trust_keys: tuple[Path, ...]) -> None:
 
 def _target_lines(target: Any) -> list[str]:
     from airgap.errors import ProbeError
-    from airgap.target import built_for
+    from airgap.hardware.target import built_for
 
     try:
         host = built_for(target)
@@ -651,7 +651,7 @@ def plan_options(func: F) -> F:
 
 def _plan_overrides(n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
                     parallel: int | None = None) -> Any:
-    from airgap.plan import PlanChoices
+    from airgap.hardware.sizing import PlanChoices
 
     return PlanChoices(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, parallel=parallel)
 
@@ -727,9 +727,9 @@ def _installed(prefix: Path) -> BundleRef | None:
 def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int | None, threads: int | None,
          parallel: int | None, host_facts: Path | None, as_json: bool) -> None:
     """Show what serve will do on this host (GPU layers, context, threads) and why."""
-    from airgap.host import host_info, load_probe, probe_facts
+    from airgap.hardware.facts import host_info, load_probe, probe_facts
+    from airgap.hardware.target import host_check
     from airgap.serve import plan_for, plans_json, read_installation
-    from airgap.target import host_check
 
     facts = load_probe(host_facts) if host_facts is not None else probe_facts(prefix)
     host = host_info(facts)
@@ -748,7 +748,7 @@ def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int |
               help="File to write the facts to (default: standard output).")
 def probe(prefix: Path, out: Path | None) -> None:
     """Write this host's facts as JSON, for `airgap build --target` (also runs as `python3 probe.py`)."""
-    from airgap.probe import main as probe_main
+    from airgap.hardware.probe import main as probe_main
 
     sys.exit(probe_main(["--prefix", str(prefix), *(["-o", str(out)] if out is not None else [])]))
 
@@ -767,7 +767,7 @@ def service(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: in
             parallel: int | None, host: str, port: int, api_key_file: Path | None, gpu: bool | None, user: str | None,
             allow_from: tuple[str, ...]) -> None:
     """Print a hardened systemd unit that runs `airgap serve` for PREFIX."""
-    from airgap.host import probe_host
+    from airgap.hardware.facts import probe_host
     from airgap.serve import render_service
 
     use_gpu = bool(probe_host().gpus) if gpu is None else gpu

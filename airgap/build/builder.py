@@ -18,7 +18,7 @@ from airgap.bundle.container import LateFile, prepare_entry, scratch_dir
 from airgap.bundle.drops import PLACEHOLDER_SHA256, load_roots, pack, read_base, root_payload
 from airgap.errors import MissingDependencyError, SpecError
 from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage, check_gguf
-from airgap.host import HostFacts
+from airgap.hardware.facts import HostFacts
 from airgap.progress import byte_progress
 from airgap.streams.pipeline import digest_file
 from airgap.trust.roots import Root

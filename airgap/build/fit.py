@@ -16,9 +16,9 @@ from typing import Any
 
 from airgap.build.spec import ModelSpec, Spec
 from airgap.errors import FitError, FormatError, SpecError
-from airgap.host import HostFacts, HostInfo, host_info
-from airgap.plan import MIN_CONTEXT, ModelShape, shortfall
-from airgap.target import EngineChoice, choose_engine, target_record
+from airgap.hardware.facts import HostFacts, HostInfo, host_info
+from airgap.hardware.sizing import MIN_CONTEXT, ModelShape, shortfall
+from airgap.hardware.target import EngineChoice, choose_engine, target_record
 
 GB = 10**9
 HEAD_SIZES = (2 << 20, 16 << 20, 64 << 20)  # a 256k-token vocabulary puts the tensor table past 10 MB

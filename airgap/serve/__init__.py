@@ -33,8 +33,8 @@ from typing import IO, Any, NoReturn
 
 from airgap.errors import FormatError, ServeError
 from airgap.format.manifest import Manifest, parse_manifest
-from airgap.host import HostInfo, probe_host
-from airgap.plan import NO_CHOICES, ModelShape, Plan, PlanChoices, make_plan
+from airgap.hardware.facts import HostInfo, probe_host
+from airgap.hardware.sizing import NO_CHOICES, ModelShape, Plan, PlanChoices, make_plan
 from airgap.prefix.paths import Prefix
 from airgap.serve.engine import ENGINE_BINARY, ENGINE_DIR, EngineModel
 

@@ -50,7 +50,7 @@ from airgap.volumes.parity import ParityCode, check_share_count, stripe_size_for
 from airgap.volumes.reader import BundleStream, locate_bundle, open_bundle
 
 README_NAME = "README.txt"
-PROBE_NAME = "probe.py"  # airgap.probe, runnable on the isolated host before airgap is installed there
+PROBE_NAME = "probe.py"  # airgap.hardware.probe, runnable on the isolated host before airgap is installed there
 AfterWrite = Callable[[Path], object]
 VolumeSize = int | None | Literal["auto"]
 _INDEX_SLACK = 1 << 20  # index and README, on top of the volumes, in the free-space check
@@ -391,8 +391,8 @@ def _read_back(path: Path, entry: VolumeFile, advance: Callable[[int], object]) 
 # ---------------------------------------------------------------- the operator's sheet
 
 def probe_source() -> bytes:
-    """The bytes of airgap/probe.py, the stdlib-only host probe an operator runs with `python3 probe.py`."""
-    from airgap import probe
+    """The bytes of airgap/hardware/probe.py, the stdlib-only host probe an operator runs with `python3 probe.py`."""
+    from airgap.hardware import probe
 
     return Path(probe.__file__).read_bytes()
 

@@ -26,16 +26,13 @@ MAY_IMPORT: dict[str, set[str]] = {
     "templates": set(),
     "trust": {"format"},
     "bundle": {"format", "trust", "streams"},
-    "volumes": {"format", "streams", "bundle", "progress", "templates"},
+    "volumes": {"format", "streams", "bundle", "progress", "templates", "hardware"},  # probe.py goes on the stick
     "prefix": {"format", "trust", "streams", "bundle", "volumes", "progress"},
-    "probe": set(),  # stdlib only: it runs from a stick with no airgap installed (tests/unit/test_probe.py)
-    "host": {"probe"},
-    "target": {"host"},
-    "plan": {"host"},
-    "serve": {"format", "prefix", "host", "plan", "templates"},
-    "build": {"format", "trust", "streams", "bundle", "progress", "host", "plan", "target"},
-    "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "probe", "host", "target", "plan", "serve",
-            "build", "fleet", "progress", "templates"},
+    "hardware": set(),  # host facts, the probe (stdlib only: tests/unit/hardware/test_probe.py), sizing
+    "serve": {"format", "prefix", "hardware", "templates"},
+    "build": {"format", "trust", "streams", "bundle", "progress", "hardware"},
+    "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "hardware", "serve", "build", "fleet",
+            "progress", "templates"},
     "fleet": set(),  # the fleet view: gathered `status --json` documents in, one table out
     "__main__": {"cli"},
 }
@@ -109,7 +106,7 @@ def calls_itself_pure(path: Path) -> bool:
 
 def test_pure_modules_do_no_io() -> None:
     pure = [p for p in modules() if calls_itself_pure(p) and p.name != "__init__.py"]
-    assert {"plan.py", "roots.py", "manifest.py"} <= {p.name for p in pure}
+    assert {"sizing.py", "target.py", "roots.py", "manifest.py"} <= {p.name for p in pure}
     for path in pure:
         io = {m.split(".")[0] for m in imported_modules(path)} & IO_MODULES
         assert not io, f"{path.relative_to(REPO)} calls itself pure but imports {sorted(io)}"

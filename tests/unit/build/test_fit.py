@@ -1,6 +1,6 @@
 """Fit rules of `build --target`: which quantization of a real model fits a recorded host, and the refusals.
 
-Hosts are recorded probes: the real `airgap.probe.collect` run on recorded /proc/meminfo text and recorded
+Hosts are recorded probes: the real `airgap.hardware.probe.collect` run on recorded /proc/meminfo text and recorded
 `nvidia-smi` rows (an RTX 4060 8 GB, RTX 4090 24 GB, H100 80 GB, H200 141 GB, two RTX 4090s) and on CPU-only
 hosts with 16 and 64 GB.
 
@@ -29,8 +29,8 @@ import pytest
 
 from airgap.build.fit import Candidate, check, choose, quant_label
 from airgap.errors import FitError
-from airgap.host import HostInfo, host_info, probe_facts
-from airgap.plan import ModelShape, make_plan
+from airgap.hardware.facts import HostInfo, host_info, probe_facts
+from airgap.hardware.sizing import ModelShape, make_plan
 
 MISTRAL_7B: dict[str, Any] = {
     "architecture": "llama", "block_count": 32, "embedding_length": 4096, "head_count": 32, "head_count_kv": 8,

@@ -474,7 +474,7 @@ def test_readme_names_bundle_models_keys_and_commands(bundle: Bundle, tmp_path: 
     volumes = [(v.sha256, v.name) for v in report.index.files]
     assert [(h, n) for h, n in listed] == [*volumes, (probe_sha256, "probe.py")]
     assert 'python3 -I "$STICK/probe.py" --prefix /opt/airgap -o probe.json' in text
-    assert (tmp_path / "stick" / "probe.py").read_bytes() == (REPO / "airgap" / "probe.py").read_bytes()
+    assert (tmp_path / "stick" / "probe.py").read_bytes() == (REPO / "airgap" / "hardware" / "probe.py").read_bytes()
 
 
 @pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "openssl", "zstd", "tar", "sha256sum")),

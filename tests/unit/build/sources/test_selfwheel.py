@@ -18,7 +18,7 @@ def test_self_wheel_is_reproducible_and_complete(tmp_path: Path) -> None:
         assert not any("__pycache__" in n for n in names)
         record = wheel.read(f"airgap-{airgap.__version__}.dist-info/RECORD").decode()
         entry_points = wheel.read(f"airgap-{airgap.__version__}.dist-info/entry_points.txt").decode()
-    assert "airgap/bundle.py,sha256=" in record
+    assert "airgap/bundle/container.py,sha256=" in record
     assert "airgap = airgap.cli:main" in entry_points
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airgap.errors import PlanError
-from airgap.host import HostInfo
+from airgap.hardware.facts import HostInfo
 
 KIB = 1 << 10
 MIB = 1 << 20

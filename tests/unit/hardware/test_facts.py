@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from airgap.host import MIB, GpuInfo, probe_host, visible_gpus
-from airgap.probe import (
+from airgap.hardware.facts import MIB, GpuInfo, probe_host, visible_gpus
+from airgap.hardware.probe import (
     ProbeParseError,
     cgroup_memory_files,
     parse_cgroup_memory_limit,

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from airgap.errors import PlanError
-from airgap.host import GpuInfo, HostInfo
-from airgap.plan import (
+from airgap.hardware.facts import GpuInfo, HostInfo
+from airgap.hardware.sizing import (
     CONTEXT_STEP,
     MAX_CONTEXT,
     MIN_CONTEXT,

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from packaging.tags import sys_tags
 
-from airgap import probe
 from airgap.errors import ProbeError
-from airgap.host import host_info, load_probe, parse_probe, probe_facts
+from airgap.hardware import probe
+from airgap.hardware.facts import host_info, load_probe, parse_probe, probe_facts
 from tests.support import REPO
 
-PROBE = REPO / "airgap" / "probe.py"
+PROBE = REPO / "airgap" / "hardware" / "probe.py"
 # A Haswell (x86-64-v3) as /proc/cpuinfo lists it, and this lab's Sapphire Rapids (v4), cut to the flags.
 HASWELL_FLAGS = [
     "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",

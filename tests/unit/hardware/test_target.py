@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from airgap.host import GpuFacts, HostFacts, probe_facts
-from airgap.target import (
+from airgap.hardware.facts import GpuFacts, HostFacts, probe_facts
+from airgap.hardware.target import (
     CUDA_DRIVER_FLOOR,
     choose_engine,
     differences,

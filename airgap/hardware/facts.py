@@ -1,6 +1,6 @@
 """What this host offers a model server: RAM, CPU cores, NVIDIA GPUs and their free memory.
 
-The facts come from `airgap.probe` (stdlib-only, so it also runs from a stick as `python3 probe.py`); this
+The facts come from `airgap.hardware.probe` (stdlib-only, so it also runs from a stick as `python3 probe.py`); this
 module reads its JSON document, of this host or recorded on another one, into checked values (`HostFacts`)
 and turns those into what the planner needs (`HostInfo`). A probe file is input from elsewhere: every field is
 type- and size-checked, and a bad one is a one-line ProbeError.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from airgap import probe
 from airgap.errors import ProbeError
+from airgap.hardware import probe
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -75,7 +75,7 @@ class GpuFacts:
 
 @dataclass(frozen=True)
 class HostFacts:
-    """One probe document (airgap.probe), checked. Sizes in bytes; None is unknown."""
+    """One probe document (airgap.hardware.probe), checked. Sizes in bytes; None is unknown."""
 
     python_version: str  # "3.11.7"
     implementation: str  # "cpython"

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from airgap.errors import ServeError
-from airgap.host import HostInfo
-from airgap.plan import PlanChoices
+from airgap.hardware.facts import HostInfo
+from airgap.hardware.sizing import PlanChoices
 from airgap.serve import (
     API_KEY_ENV,
     OFFLINE_ENV,
@@ -42,9 +42,8 @@ from airgap.serve import (
     systemd_quote,
     watchdog_interval,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-import serve_support as support
+from tests.e2e import serve_support as support
+from tests.support import REPO
 
 KEY = "test-key-0123456789abcdef"
 HOST = HostInfo(ram_total=8 << 30, ram_available=7 << 30, cpus=2, cores=2)
@@ -491,7 +490,7 @@ def test_serve_execs_the_server_which_reports_ready_and_feeds_the_watchdog(tmp_p
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(notify)
         listener.settimeout(60)
-        env = {"PATH": os.defpath, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        env = {"PATH": os.defpath, "PYTHONPATH": str(REPO),
                "NOTIFY_SOCKET": notify, "WATCHDOG_USEC": "1000000", API_KEY_ENV: KEY}
         process = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
         try:

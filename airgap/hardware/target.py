@@ -1,6 +1,6 @@
 """The host a bundle is built for: the CUDA driver floor, the engine it can run, and how another host differs.
 
-Pure functions on HostFacts (airgap.host); no I/O.
+Pure functions on HostFacts (airgap.hardware.facts); no I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airgap.errors import ProbeError
-from airgap.host import HostFacts, parse_probe
+from airgap.hardware.facts import HostFacts, parse_probe
 
 CUDA_MAJOR = 13
 CUDA_DRIVER_FLOOR = 580  # CUDA 13.0 needs an NVIDIA driver of branch R580 or newer (Linux 580.65.06 shipped it)
