@@ -224,7 +224,8 @@ class Fleet:
         assert host.sshd is not None
         staging = host.prefix / "staging"
         staging.mkdir(parents=True, exist_ok=True)
-        run("nsenter", "-t", str(host.sshd.pid), "-m", "mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", staging)
+        run("nsenter", "-t", str(host.sshd.pid), "-m", "mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+            staging)  # mode: a 1777 tmpfs is a prefix others can write to, which install refuses
         self.mounts.append(staging)
 
     def free_disk(self, host: TestHost) -> None:
