@@ -549,7 +549,9 @@ class Guard:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive, self.max_request_bytes)
+        from airgap.serve.guard import read_body  # the engine's guard reads bodies the same way; h11 loads lazily
+
+        body = await read_body(receive, self.max_request_bytes)
         if body is None:
             await _respond(send, 413, _openai_error(
                 f"Request body is larger than {self.max_request_bytes} bytes.", "request_too_large"))
@@ -581,21 +583,6 @@ class Guard:
         return None
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = bytes(message.get("body", b""))
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
