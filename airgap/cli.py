@@ -729,12 +729,15 @@ def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int |
     """Show what serve will do on this host (GPU layers, context, threads) and why."""
     from airgap.hardware.facts import host_info, load_probe, probe_facts
     from airgap.hardware.target import host_check
-    from airgap.serve import plan_for, plans_json, read_installation
+    from airgap.serve import cpu_fallback_line, plan_for, plans_json, read_installation
 
     facts = load_probe(host_facts) if host_facts is not None else probe_facts(prefix)
     host = host_info(facts)
     plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads, parallel), host)
     check = host_check(read_installation(prefix).manifest.target, facts)
+    fallback = cpu_fallback_line(plans, "plan")
+    if fallback is not None:
+        click.echo(fallback, err=True)
     if as_json:
         click.echo(plans_json(plans, host, check))
         return

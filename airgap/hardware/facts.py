@@ -45,6 +45,7 @@ class HostInfo:
     cores: int
     gpus: tuple[GpuInfo, ...] = ()
     notes: tuple[str, ...] = ()
+    driver_version: str | None = None  # the NVIDIA driver's, "580.65.06"; None without one (or unknown)
 
     @property
     def vram_free(self) -> int:
@@ -58,7 +59,7 @@ class HostInfo:
                  "compute_capability": g.compute_capability}
                 for g in self.gpus
             ],
-            "notes": list(self.notes),
+            "notes": list(self.notes), "driver_version": self.driver_version,
         }
 
 
@@ -224,6 +225,7 @@ def host_info(facts: HostFacts) -> HostInfo:
     return HostInfo(
         ram_total=total, ram_available=available, cpus=facts.usable_cpus, cores=min(cores, facts.usable_cpus),
         gpus=visible_gpus(tuple(gpus), facts.cuda_visible_devices), notes=tuple(notes),
+        driver_version=facts.driver_version,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from airgap.errors import PlanError
@@ -143,6 +143,7 @@ class Plan:
     reasons: tuple[str, ...] = field(default_factory=tuple)
     tensor_split: tuple[float, ...] = ()  # llama.cpp --tensor-split: each GPU's share of the offloaded layers
     parallel: int = 1  # slots sharing the n_ctx tokens of KV cache (llama-server --kv-unified)
+    cpu_fallback: str | None = None  # why the engine's GPU backend cannot be used here, when it cannot
 
     @property
     def ctx_per_slot(self) -> int:
@@ -204,6 +205,23 @@ def tensor_split(host: HostInfo) -> tuple[float, ...]:
     if len(budgets) < 2 or total == 0:
         return ()
     return tuple(round(b / total, 3) for b in budgets)
+
+
+def left_after(host: HostInfo, plan: Plan) -> HostInfo:
+    """What `host` has left for the next model once `plan`'s model is loaded beside it (a separate process).
+
+    RAM goes down by the plan's need. GPU memory goes down, on each GPU, by that GPU's share of the plan's need
+    (its tensor split; all on the first GPU without one) plus the process's own CUDA context there.
+    """
+    gpus = host.gpus
+    if plan.vram_needed > 0 and gpus:
+        shares = plan.tensor_split if len(plan.tensor_split) == len(gpus) else (1.0,) + (0.0,) * (len(gpus) - 1)
+        gpus = tuple(
+            replace(gpu, memory_free=max(gpu.memory_free - int(plan.vram_needed * share) - RUNTIME_VRAM_PER_GPU, 0))
+            if share > 0 else gpu
+            for gpu, share in zip(gpus, shares, strict=True)
+        )
+    return replace(host, ram_available=max(host.ram_available - plan.ram_needed, 0), gpus=gpus)
 
 
 def shortfall(shape: ModelShape, host: HostInfo, gpu_offload: bool = True) -> int:

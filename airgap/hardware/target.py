@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airgap.errors import ProbeError
-from airgap.hardware.facts import HostFacts, parse_probe
+from airgap.hardware.facts import HostFacts, HostInfo, parse_probe
 
 CUDA_MAJOR = 13
 CUDA_DRIVER_FLOOR = 580  # CUDA 13.0 needs an NVIDIA driver of branch R580 or newer (Linux 580.65.06 shipped it)
@@ -28,6 +28,25 @@ def meets_cuda_floor(version: str | None) -> bool | None:
     """Whether a driver runs the CUDA 13 engine; None when the version is unknown."""
     branch = driver_branch(version)
     return None if branch is None else branch >= CUDA_DRIVER_FLOOR
+
+
+def no_usable_gpu(host: HostInfo, cuda: bool) -> str | None:
+    """Why an engine built with a GPU backend cannot use this host's GPUs, in a few words; None when it can.
+
+    Only NVIDIA GPUs are probed, so a host without one has no usable GPU; the driver floor applies to the
+    CUDA backend (`cuda`), which fails to initialise on an older driver.
+    """
+    if not host.gpus:
+        return "none found on this host"
+    if not cuda:
+        return None
+    meets = meets_cuda_floor(host.driver_version)
+    if meets is None:
+        return f"NVIDIA driver version unknown; the CUDA {CUDA_MAJOR} engine needs R{CUDA_DRIVER_FLOOR} or newer"
+    if not meets:
+        return (f"NVIDIA driver {host.driver_version} is older than R{CUDA_DRIVER_FLOOR}, which the CUDA "
+                f"{CUDA_MAJOR} engine needs")
+    return None
 
 
 def driver_report(facts: HostFacts) -> dict[str, Any]:

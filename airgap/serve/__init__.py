@@ -26,7 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -34,7 +34,8 @@ from typing import IO, Any, NoReturn
 from airgap.errors import FormatError, ServeError
 from airgap.format.manifest import Manifest, parse_manifest
 from airgap.hardware.facts import HostInfo, probe_host
-from airgap.hardware.sizing import NO_CHOICES, ModelShape, Plan, PlanChoices, make_plan
+from airgap.hardware.sizing import NO_CHOICES, ModelShape, Plan, PlanChoices, left_after, make_plan
+from airgap.hardware.target import no_usable_gpu
 from airgap.prefix.paths import Prefix
 from airgap.serve.engine import ENGINE_BINARY, ENGINE_DIR, EngineModel
 
@@ -151,8 +152,17 @@ def select_models(models: Sequence[ServedModel], model_id: str | None) -> tuple[
 
 def runtime_supports_gpu(venv: Path) -> bool:
     """Whether the venv's llama.cpp was built with a GPU backend, judged by its shared libraries."""
-    libraries = venv.glob("lib/python*/site-packages/llama_cpp/lib/*ggml-*")
-    return any(backend in lib.name for lib in libraries for backend in _GPU_BACKENDS)
+    return bool(runtime_gpu_backends(venv))
+
+
+def runtime_gpu_backends(venv: Path) -> frozenset[str]:
+    """The GPU backends ("cuda", ...) the venv's llama.cpp was built with, judged by its shared libraries."""
+    return gpu_backends(lib.name for lib in venv.glob("lib/python*/site-packages/llama_cpp/lib/*ggml-*"))
+
+
+def gpu_backends(names: Iterable[str]) -> frozenset[str]:
+    """The GPU backends named by these library file names or paths (libggml-cuda.so: "cuda")."""
+    return frozenset(backend for name in names for backend in _GPU_BACKENDS if backend in name)
 
 
 def _installed_model(installation: Installation, model_id: str, paths: tuple[str, ...],
@@ -190,7 +200,7 @@ def _entry_point(model_id: str, files: tuple[Path, ...]) -> Path:
 def plan_for(
     prefix: Path, model: str | None = None, overrides: PlanChoices = NO_CHOICES, host: HostInfo | None = None,
 ) -> tuple[Plan, ...]:
-    """One plan per served model. llama-cpp-python keeps one model loaded at a time, so each gets the host."""
+    """One plan per served model, for the engine the installed bundle carries (see `_plans`)."""
     installation = read_installation(prefix)
     return _plans(installation, select_models(installation.models, model), overrides, host or probe_host())
 
@@ -207,18 +217,39 @@ def plans_json(plans: Sequence[Plan], host: HostInfo | None = None, host_check: 
 def _plans(installation: Installation, models: Sequence[ServedModel], overrides: PlanChoices,
            host: HostInfo) -> tuple[Plan, ...]:
     if installation.engine is None:
-        gpu = runtime_supports_gpu(installation.venv)
-        return tuple(make_plan(m.shape(), host, overrides, gpu_offload=gpu) for m in models)
+        backends = runtime_gpu_backends(installation.venv)
+    else:
+        backends = gpu_backends(f.path for f in installation.manifest.files if f.kind == "engine")
+    fallback = no_usable_gpu(host, cuda="cuda" in backends) if backends else None
+    if fallback is not None:
+        # Planned as a host without GPUs; the engine is also kept off the GPU backend (engine_argv: --device none).
+        ignored = () if overrides.n_gpu_layers is None else (f"--n-gpu-layers {overrides.n_gpu_layers} ignored",)
+        host = replace(host, gpus=(), notes=(*host.notes, cpu_fallback_text(fallback), *ignored))
+        overrides = replace(overrides, n_gpu_layers=None)
+    gpu = bool(backends) and fallback is None
+    if installation.engine is None:
+        # llama-cpp-python keeps one model loaded at a time, so each gets the whole host
+        return tuple(replace(make_plan(m.shape(), host, overrides, gpu_offload=gpu), cpu_fallback=fallback)
+                     for m in models)
     # llama-server: every model is loaded at once, each in its own engine, so each is planned in what the
-    # ones before it left (weights and the KV cache of all its slots counted)
-    gpu = any(backend in f.path for f in installation.manifest.files if f.kind == "engine" for backend in _GPU_BACKENDS)
+    # ones before it left: RAM and each GPU's memory (weights and the KV cache of all its slots counted)
     plans = []
     left = host
     for model in models:
         plan = make_plan(model.shape(), left, overrides, gpu_offload=gpu, slots=True)
-        plans.append(plan)
-        left = replace(left, ram_available=max(left.ram_available - plan.ram_needed, 0))
+        plans.append(replace(plan, cpu_fallback=fallback))
+        left = left_after(left, plan)
     return tuple(plans)
+
+
+def cpu_fallback_text(reason: str) -> str:
+    return f"no usable NVIDIA GPU ({reason}): serving on the CPU"
+
+
+def cpu_fallback_line(plans: Sequence[Plan], command: str) -> str | None:
+    """The one line serve and plan print on stderr when the engine's GPU backend cannot be used here."""
+    reason = next((p.cpu_fallback for p in plans if p.cpu_fallback is not None), None)
+    return None if reason is None else f"airgap {command}: {cpu_fallback_text(reason)}"
 
 
 # --- the API key and the bind address ------------------------------------------------------------------
@@ -311,6 +342,7 @@ def engine_settings(model: ServedModel, plan: Plan) -> dict[str, Any]:
     settings = EngineModel(
         id=model.id, path=str(model.path), n_ctx=plan.n_ctx, parallel=plan.parallel, n_threads=plan.n_threads,
         n_threads_batch=plan.n_threads_batch, n_gpu_layers=plan.n_gpu_layers, embedding=model.embedding,
+        tensor_split=_split(plan), cpu_only=plan.cpu_fallback is not None,
     ).to_dict()
     return {**settings, "max_tokens_default": plan.max_tokens_default, "max_tokens_cap": plan.n_ctx}
 
@@ -329,7 +361,13 @@ def model_settings(model: ServedModel, plan: Plan) -> dict[str, Any]:
         "use_mmap": True,
         "use_mlock": False,  # pinning tens of GiB fails under systemd's default LimitMEMLOCK and is not ours to do
         "verbose": False,
+        **({"tensor_split": list(split)} if (split := _split(plan)) else {}),
     }
+
+
+def _split(plan: Plan) -> tuple[float, ...]:
+    """The plan's tensor split, when it spreads offloaded layers over several GPUs; () otherwise."""
+    return plan.tensor_split if len(plan.tensor_split) >= 2 and plan.n_gpu_layers > 0 else ()
 
 
 @dataclass(frozen=True)
@@ -406,6 +444,9 @@ def serve(
     `before_exec(launch)` runs last, once everything is checked (the CLI records the start there)."""
     launch = prepare_server(prefix, model, host, port, api_key_file, overrides)
     if log is not None:
+        fallback = cpu_fallback_line(launch.plans, "serve")
+        if fallback is not None:
+            print(fallback, file=log)
         for plan in launch.plans:
             print(plan.explain(), file=log)
         log.flush()

@@ -51,17 +51,22 @@ class EngineModel:
     n_threads_batch: int
     n_gpu_layers: int
     embedding: bool = False
+    tensor_split: tuple[float, ...] = ()  # each GPU's share of the offloaded layers; () for one GPU or none
+    cpu_only: bool = False  # the engine's GPU backend cannot be used on this host: offload to no device
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "path": self.path, "n_ctx": self.n_ctx, "parallel": self.parallel,
                 "n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch,
-                "n_gpu_layers": self.n_gpu_layers, "embedding": self.embedding}
+                "n_gpu_layers": self.n_gpu_layers, "embedding": self.embedding,
+                "tensor_split": list(self.tensor_split), "cpu_only": self.cpu_only}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> EngineModel:
         return cls(id=str(raw["id"]), path=str(raw["path"]), n_ctx=int(raw["n_ctx"]), parallel=int(raw["parallel"]),
                    n_threads=int(raw["n_threads"]), n_threads_batch=int(raw["n_threads_batch"]),
-                   n_gpu_layers=int(raw["n_gpu_layers"]), embedding=bool(raw.get("embedding", False)))
+                   n_gpu_layers=int(raw["n_gpu_layers"]), embedding=bool(raw.get("embedding", False)),
+                   tensor_split=tuple(float(share) for share in raw.get("tensor_split", ())),
+                   cpu_only=bool(raw.get("cpu_only", False)))
 
 
 def engine_argv(binary: Path, model: EngineModel, port: int) -> list[str]:
@@ -74,6 +79,12 @@ def engine_argv(binary: Path, model: EngineModel, port: int) -> list[str]:
     ]
     if model.embedding:
         argv += ["--embedding", "--pooling", "mean"]
+    if model.cpu_only:
+        # "none": no offload device at all, so a CUDA build never puts weights or work on an unusable GPU
+        argv += ["--device", "none"]
+    elif len(model.tensor_split) >= 2 and model.n_gpu_layers > 0:
+        # by whole layers (llama.cpp's default split mode, and what the plan's memory estimate assumes)
+        argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{share:g}" for share in model.tensor_split)]
     return argv
 
 

@@ -12,9 +12,12 @@ from airgap.hardware.sizing import (
     CONTEXT_STEP,
     MAX_CONTEXT,
     MIN_CONTEXT,
+    RUNTIME_VRAM_PER_GPU,
     ModelShape,
     PlanChoices,
     footprint,
+    gpu_budgets,
+    left_after,
     make_plan,
     ram_budget,
     vram_budget,
@@ -247,3 +250,39 @@ def test_engine_plan_takes_fewer_slots_when_memory_is_short_and_obeys_parallel()
 
 def test_without_the_engine_the_plan_is_one_slot_as_before() -> None:
     assert make_plan(LLAMA2_7B, cpu_host(64, 60)).parallel == 1
+
+
+@pytest.mark.parametrize("gpus_gib", [(24,), (24, 24)], ids=["1x24GB", "2x24GB"])
+def test_a_second_engine_is_planned_in_the_gpu_memory_the_first_one_left(gpus_gib: tuple[float, ...]) -> None:
+    host = gpu_host(64, 60, *gpus_gib)
+    first = make_plan(MISTRAL_7B, host, slots=True)
+    left = left_after(host, first)
+    second = make_plan(LLAMA3_70B, left, slots=True)
+    alone = make_plan(LLAMA3_70B, host, slots=True)
+    assert first.n_gpu_layers == MISTRAL_7B.n_layer + 1 and first.vram_needed > 0
+    assert 0 < second.n_gpu_layers < alone.n_gpu_layers
+    assert second.vram_budget < alone.vram_budget - first.vram_needed
+    assert first.vram_needed + second.vram_needed <= vram_budget(host)
+    assert first.ram_needed + second.ram_needed <= ram_budget(host)
+    # on each GPU: both models' shares, and the second engine's own CUDA context, within what it had usable
+    shares = [first.tensor_split or (1.0,), second.tensor_split or (1.0,)]
+    for i, usable in enumerate(gpu_budgets(host)):
+        used = first.vram_needed * shares[0][i] + second.vram_needed * shares[1][i] + RUNTIME_VRAM_PER_GPU
+        assert used <= usable
+    assert len(first.tensor_split) == len(second.tensor_split) == (2 if len(gpus_gib) == 2 else 0)
+
+
+def test_what_a_plan_leaves_comes_off_each_gpu_by_its_share_and_cpu_plans_leave_gpus_alone() -> None:
+    host = gpu_host(64, 60, 24, 48)
+    plan = make_plan(LLAMA3_70B, host, slots=True)
+    left = left_after(host, plan)
+    assert left.ram_available == host.ram_available - plan.ram_needed
+    for before, after, share in zip(host.gpus, left.gpus, plan.tensor_split, strict=True):
+        assert after.memory_free == max(before.memory_free - int(plan.vram_needed * share) - RUNTIME_VRAM_PER_GPU, 0)
+        assert after.memory_total == before.memory_total
+    one = gpu_host(64, 60, 24)
+    on_one = make_plan(MISTRAL_7B, one, slots=True)
+    assert left_after(one, on_one).gpus[0].memory_free == (
+        one.gpus[0].memory_free - on_one.vram_needed - RUNTIME_VRAM_PER_GPU)
+    on_cpu = make_plan(MISTRAL_7B, one, gpu_offload=False, slots=True)
+    assert on_cpu.vram_needed == 0 and left_after(one, on_cpu).gpus == one.gpus

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from airgap.hardware.facts import GpuFacts, HostFacts, probe_facts
+from airgap.hardware.facts import GpuFacts, HostFacts, host_info, probe_facts
 from airgap.hardware.target import (
     CUDA_DRIVER_FLOOR,
     choose_engine,
@@ -16,6 +16,7 @@ from airgap.hardware.target import (
     driver_report,
     host_check,
     meets_cuda_floor,
+    no_usable_gpu,
     target_record,
 )
 
@@ -92,3 +93,17 @@ def test_host_check_warns_in_one_line_and_survives_a_malformed_record(here: Host
     broken = host_check({"host": {"_type": "airgap/probe", "probe_format": 1}}, here)
     assert broken["warning"] == ("warning: cannot compare with the host this bundle was built for: the bundle's "
                                  "target record: python must be a JSON object, found NoneType")
+
+
+def test_a_gpu_engine_has_no_usable_gpu_without_an_nvidia_gpu_or_below_the_driver_floor(here: HostFacts) -> None:
+    current = host_info(dataclasses.replace(here, gpus=(H100,), driver_version="580.65.06"))
+    old = host_info(dataclasses.replace(here, gpus=(H100,), driver_version="550.54.15"))
+    unknown = host_info(dataclasses.replace(here, gpus=(H100,), driver_version=None))
+    none = host_info(dataclasses.replace(here, gpus=(), driver_version=None))
+    assert current.driver_version == "580.65.06" and current.to_dict()["driver_version"] == "580.65.06"
+    assert no_usable_gpu(current, cuda=True) is None
+    assert no_usable_gpu(old, cuda=True) == "NVIDIA driver 550.54.15 is older than R580, which the CUDA 13 engine needs"
+    assert no_usable_gpu(unknown, cuda=True) == (
+        "NVIDIA driver version unknown; the CUDA 13 engine needs R580 or newer")
+    assert no_usable_gpu(none, cuda=True) == no_usable_gpu(none, cuda=False) == "none found on this host"
+    assert no_usable_gpu(old, cuda=False) is None  # the floor is CUDA's; another backend is not held to it

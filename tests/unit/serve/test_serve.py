@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -17,19 +18,25 @@ from typing import Any
 import pytest
 
 from airgap.errors import ServeError
-from airgap.hardware.facts import HostInfo
-from airgap.hardware.sizing import PlanChoices
+from airgap.format.manifest import FileEntry
+from airgap.hardware.facts import GpuInfo, HostInfo
+from airgap.hardware.sizing import NO_CHOICES, RUNTIME_VRAM_PER_GPU, PlanChoices, make_plan
 from airgap.serve import (
     API_KEY_ENV,
     OFFLINE_ENV,
     SERVER_CONFIG_ENV,
     Guard,
+    Installation,
     Message,
     Scope,
     ServerConfig,
+    _plans,
     active_models,
+    cpu_fallback_line,
+    engine_settings,
     is_loopback,
     load_api_key,
+    model_settings,
     plan_for,
     plans_json,
     prepare_server,
@@ -42,6 +49,7 @@ from airgap.serve import (
     systemd_quote,
     watchdog_interval,
 )
+from airgap.serve.engine import EngineModel, engine_argv
 from tests.e2e import serve_support as support
 from tests.support import REPO
 
@@ -120,6 +128,77 @@ def test_plan_for_plans_every_model(install: support.TestInstall) -> None:
     document = json.loads(plans_json(plans, HOST))
     assert document["host"]["ram_total"] == HOST.ram_total
     assert [m["model_id"] for m in document["models"]] == ["tiny-chat", "tiny-two"]
+
+
+# Recorded: an RTX 4090 as nvidia-smi reports it (24564 MiB, 482 MiB in use by the display), and drivers on
+# each side of the CUDA 13 floor.
+RTX_4090 = GpuInfo(index=0, name="NVIDIA GeForce RTX 4090", memory_total=24564 << 20, memory_free=24082 << 20,
+                   compute_capability="8.9")
+GPU_HOST = HostInfo(ram_total=64 << 30, ram_available=60 << 30, cpus=16, cores=8,
+                    gpus=(RTX_4090, dataclasses.replace(RTX_4090, index=1)), driver_version="580.65.06")
+OLD_DRIVER_HOST = dataclasses.replace(GPU_HOST, driver_version="550.54.15")
+NO_GPU_HOST = dataclasses.replace(GPU_HOST, gpus=(), driver_version=None)
+
+
+def with_engine(install: support.TestInstall, *libraries: str) -> Installation:
+    """The installed version as if its bundle carried llama-server and these engine libraries (manifest only)."""
+    real = read_installation(install.prefix)
+    extra = tuple(FileEntry(path=f"engine/{name}", size=1, sha256="0" * 64, kind="engine")
+                  for name in ("llama-server", *libraries))
+    return dataclasses.replace(real, manifest=dataclasses.replace(real.manifest, files=(*real.manifest.files, *extra)))
+
+
+def test_a_cuda_engine_below_the_driver_floor_serves_on_the_cpu_saying_why_once(install: support.TestInstall) -> None:
+    installation = with_engine(install, "libggml-cuda.so", "libcudart.so.13")
+    plans = _plans(installation, installation.models, PlanChoices(n_gpu_layers=-1), OLD_DRIVER_HOST)
+    reason = "NVIDIA driver 550.54.15 is older than R580, which the CUDA 13 engine needs"
+    assert [(p.n_gpu_layers, p.vram_needed, p.tensor_split, p.cpu_fallback) for p in plans] == [(0, 0, (), reason)] * 2
+    assert cpu_fallback_line(plans, "serve") == f"airgap serve: no usable NVIDIA GPU ({reason}): serving on the CPU"
+    assert any("--n-gpu-layers -1 ignored" in r for r in plans[0].reasons)
+    assert [m["cpu_fallback"] for m in json.loads(plans_json(plans))["models"]] == [reason, reason]
+    for model, plan in zip(installation.models, plans, strict=True):
+        argv = engine_argv(Path("llama-server"), EngineModel.from_dict(engine_settings(model, plan)), 4321)
+        assert argv[argv.index("--device") + 1] == "none" and argv[argv.index("--n-gpu-layers") + 1] == "0"
+    alone = _plans(installation, installation.models, NO_CHOICES, NO_GPU_HOST)
+    assert cpu_fallback_line(alone, "plan") == (
+        "airgap plan: no usable NVIDIA GPU (none found on this host): serving on the CPU")
+
+
+def test_a_usable_gpu_or_a_cpu_engine_plans_as_before_without_the_line(install: support.TestInstall) -> None:
+    cuda = with_engine(install, "libggml-cuda.so")
+    plans = _plans(cuda, cuda.models, NO_CHOICES, GPU_HOST)
+    assert cpu_fallback_line(plans, "serve") is None
+    assert all(p.cpu_fallback is None and p.n_gpu_layers == support.TINY_LAYERS + 1 for p in plans)
+    cpu = with_engine(install)  # llama-server built without a GPU backend: the CPU engine, no fallback to explain
+    for host in (OLD_DRIVER_HOST, NO_GPU_HOST):
+        cpu_plans = _plans(cpu, cpu.models, NO_CHOICES, host)
+        assert cpu_fallback_line(cpu_plans, "serve") is None and all(p.n_gpu_layers == 0 for p in cpu_plans)
+
+
+def test_engines_are_planned_in_the_gpu_memory_the_ones_before_left_and_get_the_split(
+        install: support.TestInstall) -> None:
+    cuda = with_engine(install, "libggml-cuda.so")
+    first, second = _plans(cuda, cuda.models, NO_CHOICES, GPU_HOST)
+    assert first.tensor_split == second.tensor_split == (0.5, 0.5) and first.vram_needed > 0
+    # the second engine's budget: less the first one's share on each GPU and its CUDA context there
+    assert second.vram_budget == pytest.approx(first.vram_budget - first.vram_needed - 2 * RUNTIME_VRAM_PER_GPU,
+                                               abs=2)
+    assert second.ram_budget < first.ram_budget
+    for model, plan in zip(cuda.models, (first, second), strict=True):
+        argv = engine_argv(Path("llama-server"), EngineModel.from_dict(engine_settings(model, plan)), 4321)
+        assert argv[argv.index("--tensor-split") + 1] == "0.5,0.5" and "--device" not in argv
+
+
+def test_the_fallback_server_gets_the_tensor_split_llama_cpp_takes(install: support.TestInstall) -> None:
+    from llama_cpp.server.settings import ModelSettings
+
+    model = read_installation(install.prefix).models[0]
+    plan = make_plan(model.shape(), GPU_HOST)
+    settings = model_settings(model, plan)
+    assert plan.n_gpu_layers > 0 and settings["tensor_split"] == [0.5, 0.5]
+    assert ModelSettings(**settings).tensor_split == [0.5, 0.5]
+    one_gpu = dataclasses.replace(GPU_HOST, gpus=GPU_HOST.gpus[:1])
+    assert "tensor_split" not in model_settings(model, make_plan(model.shape(), one_gpu))
 
 
 # --- API key and bind address --------------------------------------------------------------------------
