@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -76,7 +77,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
         from airgap.build.fit import HubReader, size_for_target
 
         targeted = size_for_target(spec, options.target, HubReader(options.hub_endpoint), options.say,
-                                   cuda_packed=spec.cuda is not False and spec.engine is not False)
+                                   cuda_packed=_can_pack_cuda(spec))
         spec, target = targeted.spec, targeted.record
         cuda = cuda or targeted.engine.engine == "cuda"
     _check_no_open_choice(spec)
@@ -239,6 +240,15 @@ def _collect_wheels(spec: Spec, options: BuildOptions, dest: Path) -> list[Resol
                                      size=digest.size, sha256=digest.sha256, source={"type": "self"})]
 
 
+def _can_pack_cuda(spec: Spec) -> bool:
+    """Whether this build can carry the CUDA backend: asked for, or llama-server is built and CUDA not refused."""
+    if spec.cuda is not None:
+        return spec.cuda
+    names = {re.split(r"[\s\[<>=!~;@(]", r.strip(), maxsplit=1)[0].lower().replace("_", "-")
+             for r in spec.python.requirements}
+    return spec.engine is not False and "llama-cpp-python" in names
+
+
 def _collect_engine(
     spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions, *, cuda: bool
 ) -> list[tuple[Path, FileEntry]]:
@@ -248,9 +258,10 @@ def _collect_engine(
         return []
     llama = next((w for w in wheels if w.name == "llama-cpp-python"), None)
     if llama is None or llama.source.get("type") != "built":
-        if spec.engine or spec.cuda:
+        if spec.engine or cuda:
             found = "no llama-cpp-python" if llama is None else f"llama-cpp-python from {llama.source.get('type')}"
-            asked = "engine.llama_server = true" if spec.engine else "engine.cuda = true"
+            asked = ("engine.llama_server = true" if spec.engine else "engine.cuda = true" if spec.cuda
+                     else "the target's CUDA engine")
             raise SpecError(f"{spec.path}: {asked} builds llama-server from the "
                             f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
         return []

@@ -5,15 +5,19 @@ the wheel toolkit and not a system one. The real build is tests/e2e/test_cuda_en
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from airgap.build.builder import _can_pack_cuda
 from airgap.build.sources import cuda, engine
 from airgap.build.spec import load_spec
 from airgap.errors import ResolveError, SpecError
 from airgap.hardware.facts import GpuFacts, HostFacts, probe_facts
+from tests.conftest import KeyPair
+from tests.support import airgap, write_spec
 
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # llama-cpp-python 0.3.36
 H200 = GpuFacts(0, "NVIDIA H200", "GPU-0", "00000000:01:00.0", 143771 << 20, 143190 << 20, "9.0")
@@ -148,3 +152,32 @@ def test_spec_engine_cuda_refusals(tmp_path: Path, table: str, message: str) -> 
     path = _spec(tmp_path, table)
     with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: {message}$"):
         load_spec(path)
+
+
+def test_asking_for_cuda_without_llama_cpp_python_fails_the_build(
+    tmp_path: Path, tiny_model: Path, wheelhouse: Path, keys: KeyPair,
+) -> None:
+    spec = write_spec(tmp_path, model=tiny_model, wheelhouse=wheelhouse, extra="\n[engine]\ncuda = true\n")
+    built = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "dist", "-q")
+    assert built.code == 1
+    assert built.error_line == (f"airgap: error: {spec}: engine.cuda = true builds llama-server from the "
+                                f"llama-cpp-python sdist; expected the requirements to build it from source, found "
+                                f"no llama-cpp-python")
+    assert not list(tmp_path.glob("dist/*.airgap"))
+
+
+@pytest.mark.parametrize(("requirements", "table", "packs"), [
+    (["llama-cpp-python[server]==0.3.36"], "", True),
+    (["Llama_CPP_Python>=0.3"], "", True),
+    (["llama-cpp-python==0.3.36"], "cuda = false\n", False),
+    (["llama-cpp-python==0.3.36"], "llama_server = false\n", False),
+    (["numpy"], "", False),
+    (["numpy"], "cuda = true\n", True),  # and the build then says it needs llama-cpp-python from source
+])
+def test_which_builds_can_carry_the_cuda_backend_for_a_target(
+    tmp_path: Path, requirements: list[str], table: str, packs: bool
+) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(f'[bundle]\nname = "s"\nversion = "1"\n[python]\nrequirements = {json.dumps(requirements)}\n'
+                    f"[engine]\n{table}", encoding="utf-8")
+    assert _can_pack_cuda(load_spec(path)) is packs
