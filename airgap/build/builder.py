@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import airgap
 from airgap.build.sources.selfwheel import build_self_wheel, runtime_requirements
@@ -16,13 +18,17 @@ from airgap.build.sources.wheels import ResolvedWheel, resolve_wheels
 from airgap.build.spec import ModelSpec, Spec
 from airgap.bundle.container import LateFile, prepare_entry, scratch_dir
 from airgap.bundle.drops import PLACEHOLDER_SHA256, load_roots, pack, read_base, root_payload
-from airgap.errors import MissingDependencyError, SpecError
+from airgap.errors import MissingDependencyError, ResolveError, SpecError
 from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage, check_gguf
 from airgap.hardware.facts import HostFacts
 from airgap.progress import byte_progress
 from airgap.streams.pipeline import digest_file
 from airgap.trust.roots import Root
 from airgap.trust.signing import PrivateKey, key_id, sign
+
+if TYPE_CHECKING:
+    from airgap.build.sources.engine import EngineFile
+    from airgap.build.sources.wheels import Pin, Pip
 
 BOOTSTRAP_REQUIREMENTS = "bootstrap-requirements.txt"
 
@@ -66,11 +72,14 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
     _check_build_extra(spec)
     created = creation_time(options.created)
     target: dict[str, object] | None = None
+    cuda = spec.cuda is True
     if options.target is not None:
         from airgap.build.fit import HubReader, size_for_target
 
-        targeted = size_for_target(spec, options.target, HubReader(options.hub_endpoint), options.say)
+        targeted = size_for_target(spec, options.target, HubReader(options.hub_endpoint), options.say,
+                                   cuda_packed=_can_pack_cuda(spec))
         spec, target = targeted.spec, targeted.record
+        cuda = cuda or targeted.engine.engine == "cuda"
     _check_no_open_choice(spec)
     base = read_base(options.base) if options.base is not None else None
     roots = load_roots(options.roots)
@@ -79,7 +88,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
         work = Path(tmp)
         models, model_files, model_licenses = _collect_models(spec, options)
         wheels = _collect_wheels(spec, options, work / "wheels")
-        engine = _collect_engine(spec, wheels, options)
+        engine = _collect_engine(spec, wheels, options, cuda=cuda)
         bootstrap = _bootstrap_requirements(spec, wheels, work)
         # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
         raw_paths = {bootstrap.entry.path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap.packages)}
@@ -231,15 +240,29 @@ def _collect_wheels(spec: Spec, options: BuildOptions, dest: Path) -> list[Resol
                                      size=digest.size, sha256=digest.sha256, source={"type": "self"})]
 
 
-def _collect_engine(spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions) -> list[tuple[Path, FileEntry]]:
-    """llama-server from the same sdist llama-cpp-python was built from, when the spec pulls that in."""
+def _can_pack_cuda(spec: Spec) -> bool:
+    """Whether this build can carry the CUDA backend: asked for, or llama-server is built and CUDA not refused."""
+    if spec.cuda is not None:
+        return spec.cuda
+    names = {re.split(r"[\s\[<>=!~;@(]", r.strip(), maxsplit=1)[0].lower().replace("_", "-")
+             for r in spec.python.requirements}
+    return spec.engine is not False and "llama-cpp-python" in names
+
+
+def _collect_engine(
+    spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions, *, cuda: bool
+) -> list[tuple[Path, FileEntry]]:
+    """llama-server from the same sdist llama-cpp-python was built from, when the spec pulls that in; with
+    `cuda`, the CUDA ggml backend of that sdist beside it."""
     if spec.engine is False:
         return []
     llama = next((w for w in wheels if w.name == "llama-cpp-python"), None)
     if llama is None or llama.source.get("type") != "built":
-        if spec.engine:
+        if spec.engine or cuda:
             found = "no llama-cpp-python" if llama is None else f"llama-cpp-python from {llama.source.get('type')}"
-            raise SpecError(f"{spec.path}: engine.llama_server = true builds llama-server from the "
+            asked = ("engine.llama_server = true" if spec.engine else "engine.cuda = true" if spec.cuda
+                     else "the target's CUDA engine")
+            raise SpecError(f"{spec.path}: {asked} builds llama-server from the "
                             f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
         return []
     from airgap.build.sources.engine import default_cache_dir, engine_for, manifest_source
@@ -250,6 +273,30 @@ def _collect_engine(spec: Spec, wheels: list[ResolvedWheel], options: BuildOptio
     pip = Pip(find_links=spec.python.find_links, index_url=spec.python.index_url, progress=options.progress)
     built = engine_for(sdist, pip, cache_dir=options.engine_cache or default_cache_dir(), progress=options.progress)
     source = manifest_source(built)
+    files = [(f.path, FileEntry(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
+                                source=source)) for f in built.files]
+    if cuda:
+        files += _collect_cuda(sdist, pip, built.files, options, spec.cuda_architectures)
+    return files
+
+
+def _collect_cuda(
+    sdist: Pin, pip: Pip, engine_files: Sequence[EngineFile], options: BuildOptions, architectures: Sequence[str]
+) -> list[tuple[Path, FileEntry]]:
+    """libggml-cuda.so and the CUDA runtime, for the spec's architectures or the target's GPUs."""
+    from airgap.build.sources import cuda
+    from airgap.build.sources.engine import default_cache_dir
+
+    chosen = cuda.architectures_for(options.target, architectures)
+    if options.progress:
+        print(f"CUDA backend for compute capabilities {', '.join(chosen)}", file=sys.stderr)
+    built = cuda.cuda_for(sdist, pip, architectures=chosen, cache_dir=options.engine_cache or default_cache_dir(),
+                          progress=options.progress)
+    missing = sorted(cuda.engine_needs(built) - {f.name for f in engine_files})
+    if missing:
+        raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the CUDA backend, "
+                           "found none")
+    source = cuda.manifest_source(built)
     return [(f.path, FileEntry(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                source=source)) for f in built.files]
 

@@ -23,7 +23,6 @@ from airgap.hardware.target import EngineChoice, choose_engine, target_record
 GB = 10**9
 HEAD_SIZES = (2 << 20, 16 << 20, 64 << 20)  # a 256k-token vocabulary puts the tensor table past 10 MB
 AUTO = "auto"
-CUDA_ENGINE_PACKED = False  # the CUDA engine comes with a later change; until then bundles serve on the CPU
 _QUANT = re.compile(
     r"(?i)(?<![A-Za-z0-9])(IQ\d_[A-Z0-9]+|Q\d_K_[SML]|Q\d_K_XL|Q\d_K|Q\d_\d|BF16|F16|F32)(?![A-Za-z0-9])")
 _GLOB = re.compile(r"[*?\[]")
@@ -119,6 +118,7 @@ def _gb(n: int) -> str:
 class TargetedSpec:
     spec: Spec  # python version/platforms and model files pinned for the target
     record: dict[str, Any]  # the manifest's `target` field
+    engine: EngineChoice  # "cuda" when the bundle carries the CUDA backend for this host
 
 
 class HubReader:
@@ -138,14 +138,19 @@ class HubReader:
         return read_hub_head(repo, commit, filename, length, endpoint=self.endpoint)
 
 
-def size_for_target(spec: Spec, facts: HostFacts, hub: HubReader, say: Callable[[str], object] | None) -> TargetedSpec:
-    """Pin the spec to the target host: its Python and platform tags, and each model sized to fit it."""
+def size_for_target(
+    spec: Spec, facts: HostFacts, hub: HubReader, say: Callable[[str], object] | None, *, cuda_packed: bool
+) -> TargetedSpec:
+    """Pin the spec to the target host: its Python and platform tags, and each model sized to fit it.
+
+    `cuda_packed`: whether this build can carry the CUDA backend (the spec does not turn it off).
+    """
     if facts.implementation != "cpython" or facts.abi is None:
         raise SpecError(f"the target runs {facts.implementation} {facts.python_version}; airgap packs wheels for "
                         "CPython only")
     if facts.wheel_platform is None:
         raise SpecError("the target's probe lists no wheel platform tags; run `airgap probe` there again")
-    engine = choose_engine(facts, cuda_packed=CUDA_ENGINE_PACKED)
+    engine = choose_engine(facts, cuda_packed=cuda_packed)
     host = host_info(facts)
     lines = [f"target: python {facts.python_minor} on {facts.wheel_platform}; engine {engine.engine}: {engine.reason}"]
     models = []
@@ -157,7 +162,7 @@ def size_for_target(spec: Spec, facts: HostFacts, hub: HubReader, say: Callable[
         for line in lines:
             say(line)
     python = replace(spec.python, python_version=facts.python_minor, platforms=(facts.wheel_platform,))
-    return TargetedSpec(replace(spec, python=python, models=tuple(models)), target_record(facts, engine, lines))
+    return TargetedSpec(replace(spec, python=python, models=tuple(models)), target_record(facts, engine, lines), engine)
 
 
 def _size_model(model: ModelSpec, host: HostInfo, engine: EngineChoice, hub: HubReader) -> tuple[ModelSpec, Sized]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ class Spec:
     # llama-server compiled from the llama-cpp-python sdist: None builds it whenever the requirements pull in
     # llama-cpp-python; [engine] llama_server = true / false asks for it or leaves it out
     engine: bool | None = None
+    # the CUDA ggml backend beside llama-server: None packs it when `build --target` names a host that runs it;
+    # [engine] cuda = true / false always packs it or never does
+    cuda: bool | None = None
+    cuda_architectures: tuple[str, ...] = ()  # [engine] cuda_architectures = ["90"]: overrides the target's GPUs
 
     @property
     def lock_path(self) -> Path:
@@ -76,20 +81,52 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
     expires = bundle.get("expires_days", DEFAULT_EXPIRES_DAYS)
     if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
         raise SpecError(f"{path}: bundle.expires_days must be a positive integer, found {expires!r}")
-    return Spec(path=path, name=name, version=version, models=models, python=python, expires_days=expires,
-                engine=_engine(raw.get("engine", {}), path))
-
-
-def _engine(raw: object, path: Path) -> bool | None:
-    if not isinstance(raw, dict):
+    engine = raw.get("engine", {})
+    if not isinstance(engine, dict):
         raise SpecError(f"{path}: [engine] must be a table")
-    unknown = sorted(set(raw) - {"llama_server"})
+    return Spec(path=path, name=name, version=version, models=models, python=python, expires_days=expires,
+                engine=_engine(engine, path), cuda=_cuda(engine, path),
+                cuda_architectures=_cuda_architectures(engine, path))
+
+
+def _engine(raw: dict[str, Any], path: Path) -> bool | None:
+    unknown = sorted(set(raw) - {"llama_server", "cuda", "cuda_architectures"})
     if unknown:
-        raise SpecError(f"{path}: [engine] knows only 'llama_server', found {', '.join(unknown)}")
+        raise SpecError(f"{path}: [engine] knows only 'llama_server', 'cuda' and 'cuda_architectures', "
+                        f"found {', '.join(unknown)}")
     value = raw.get("llama_server")
     if value is not None and not isinstance(value, bool):
         raise SpecError(f"{path}: engine.llama_server must be true or false, found {value!r}")
     return value
+
+
+def _cuda(raw: dict[str, Any], path: Path) -> bool | None:
+    value = raw.get("cuda")
+    if value is not None and not isinstance(value, bool):
+        raise SpecError(f"{path}: engine.cuda must be true or false, found {value!r}")
+    if value is True and raw.get("llama_server") is False:
+        raise SpecError(f"{path}: engine.cuda = true adds a backend to llama-server; expected engine.llama_server "
+                        "to be true or absent, found false")
+    return value
+
+
+def _cuda_architectures(raw: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """Compute capabilities as CMake names them ("90") or as a probe does ("9.0")."""
+    value = raw.get("cuda_architectures", [])
+    if not isinstance(value, list) or (not value and "cuda_architectures" in raw):
+        raise SpecError(f"{path}: engine.cuda_architectures must be a non-empty list like [\"90\"] or "
+                        f"[\"8.0\", \"9.0\"], found {value!r}")
+    names = []
+    for item in value:
+        text = item.replace(".", "", 1) if isinstance(item, str) and re.fullmatch(r"\d+\.\d", item) else item
+        if not isinstance(text, str) or re.fullmatch(r"[1-9]\d{1,2}", text) is None:
+            raise SpecError(f"{path}: engine.cuda_architectures entries must look like \"90\" or \"9.0\", "
+                            f"found {item!r}")
+        names.append(text)
+    if raw.get("cuda") is False and names:
+        raise SpecError(f"{path}: engine.cuda_architectures chooses what the CUDA backend is built for; expected "
+                        "engine.cuda to be true or absent, found false")
+    return tuple(sorted(set(names), key=int))
 
 
 def _model(raw: object, base: Path, path: Path) -> ModelSpec:

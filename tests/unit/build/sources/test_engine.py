@@ -55,10 +55,11 @@ def test_spec_engine_table_and_embedding_models(tmp_path: Path, tiny_model: Path
     with pytest.raises(SpecError) as caught:
         load_spec(spec)
     assert caught.value.message == f"{spec}: engine.llama_server must be true or false, found 'yes'"
-    spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\ncuda = true\n')
+    spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\nvulkan = true\n')
     with pytest.raises(SpecError) as unknown:
         load_spec(spec)
-    assert unknown.value.message == f"{spec}: [engine] knows only 'llama_server', found cuda"
+    assert unknown.value.message == (f"{spec}: [engine] knows only 'llama_server', 'cuda' and 'cuda_architectures', "
+                                     "found vulkan")
 
 
 def test_asking_for_the_engine_without_llama_cpp_python_fails_the_build(
