@@ -85,7 +85,7 @@ def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name
     from datetime import UTC, datetime, timedelta
 
     from airgap.bundle.container import prepare_entry, write_bundle
-    from airgap.format.manifest import FileEntry, Manifest, PythonPackage
+    from airgap.format.manifest import DraftFile, Manifest, PythonPackage
     from airgap.trust.signing import sign
 
     made = created if isinstance(created, datetime) else datetime(2026, 1, 2, tzinfo=UTC)
@@ -98,12 +98,12 @@ def make_test_bundle(folder: Path, files: dict[str, bytes], key: object, *, name
         source.write_bytes(data)
         kind = "model" if path.endswith(".gguf") else "wheel" if path.endswith(".whl") else "meta"
         kind = (kinds or {}).get(path, kind)
-        payload.append(prepare_entry(source, FileEntry(path, 0, "0" * 64, kind), packed))  # type: ignore[arg-type]
+        payload.append(prepare_entry(source, DraftFile(path, 0, kind), packed))  # type: ignore[arg-type]
     if packages is None:
         wheels = [p for p in files if p.endswith(".whl") and Path(p).name.count("-") >= 4]  # named as PEP 427 says
         packages = tuple((Path(p).name.split("-")[0], Path(p).name.split("-")[1], p) for p in wheels)
     draft = Manifest(name, version, made, made + timedelta(days=expires_days), "0.1.0",
-                     tuple(p.entry for p in payload), models=models,  # type: ignore[arg-type]
+                     (), models=models,  # type: ignore[arg-type]
                      packages=tuple(PythonPackage(*p) for p in packages))
     out = folder / f"{name}-{version}.airgap"
     payload.sort(key=lambda p: p.entry.kind == "model")  # small files first, as `airgap build` orders them

@@ -17,9 +17,9 @@ from airgap.build.sources.selfwheel import build_self_wheel, runtime_requirement
 from airgap.build.sources.wheels import ResolvedWheel, resolve_wheels
 from airgap.build.spec import ModelSpec, Spec
 from airgap.bundle.container import LateFile, prepare_entry, scratch_dir
-from airgap.bundle.drops import PLACEHOLDER_SHA256, load_roots, pack, read_base, root_payload
+from airgap.bundle.drops import load_roots, pack, read_base, root_payload
 from airgap.errors import MissingDependencyError, ResolveError, SpecError
-from airgap.format.manifest import FileEntry, Manifest, ModelEntry, PythonPackage, check_gguf
+from airgap.format.manifest import DraftFile, Manifest, ModelEntry, PythonPackage, check_gguf
 from airgap.hardware.facts import HostFacts
 from airgap.progress import byte_progress
 from airgap.streams.pipeline import digest_file
@@ -101,7 +101,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
             name=spec.name, version=spec.version, created=created,
             expires=created + timedelta(days=options.expires_days or spec.expires_days),
             tool_version=airgap.__version__,
-            files=tuple(p.entry for p in payload), models=tuple(models),
+            files=(), models=tuple(models),
             packages=tuple(PythonPackage(w.name, w.version, f"wheels/{w.filename}") for w in wheels),
             python={
                 "requirements": list(spec.python.requirements),
@@ -113,7 +113,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
         )
         out = options.out_dir / bundle_filename(spec.name, spec.version)
         carried = [*root_payload(roots, work), *payload]
-        sbom = _sbom_file(replace(draft, files=tuple(p.entry for p in carried)), wheels, model_licenses)
+        sbom = _sbom_file(draft, [p.entry for p in carried], wheels, model_licenses)
         total = sum(p.entry.stored_size for p in payload)
         with byte_progress(total, f"packing {out.name}", options.progress) as advance:
             pack(out, draft, carried, lambda data: [sign(data, k) for k in signers], base, advance, sbom)
@@ -132,15 +132,23 @@ def _check_build_extra(spec: Spec) -> None:
             "install the build extra on the connected host: pip install 'airgap[build]'")
 
 
-def _sbom_file(draft: Manifest, wheels: list[ResolvedWheel], model_licenses: dict[str, Any]) -> LateFile:
+# The SBOM's length is needed before the payload is hashed; hashes are fixed-width hex, so any 64 digits
+# size it exactly. This is the one place a stand-in hash is used, and it never reaches a bundle.
+_SBOM_SIZING_SHA256 = "0" * 64
+
+
+def _sbom_file(
+    draft: Manifest, files: Sequence[DraftFile], wheels: list[ResolvedWheel], model_licenses: dict[str, Any]
+) -> LateFile:
     """The SBOM, written after every other file so that it lists their hashes; its size is known now."""
     from airgap.build.sources.sbom import SBOM_PATH, SbomFacts, render_sbom, wheel_license
 
     licenses = {f"wheels/{w.filename}": text for w in wheels if (text := wheel_license(w.path)) is not None}
     facts = SbomFacts(wheel_licenses=licenses, model_licenses=model_licenses)
-    size = len(render_sbom(draft, facts))
-    entry = FileEntry(path=SBOM_PATH, size=size, sha256=PLACEHOLDER_SHA256, kind="meta", storage="raw",
-                      stored_size=size, source={"type": "generated"})
+    sized = tuple(f.hashed(f.sha256 or _SBOM_SIZING_SHA256) for f in files)
+    size = len(render_sbom(replace(draft, files=sized), facts))
+    entry = DraftFile(path=SBOM_PATH, size=size, kind="meta", storage="raw", stored_size=size,
+                      source={"type": "generated"})
     return LateFile(entry, lambda entries: render_sbom(replace(draft, files=tuple(entries)), facts))
 
 
@@ -165,9 +173,9 @@ def _check_release_keys(signers: Sequence[PrivateKey], roots: Sequence[Root]) ->
 
 def _collect_models(
     spec: Spec, options: BuildOptions
-) -> tuple[list[ModelEntry], list[tuple[Path, FileEntry]], dict[str, Any]]:
+) -> tuple[list[ModelEntry], list[tuple[Path, DraftFile]], dict[str, Any]]:
     models: list[ModelEntry] = []
-    files: list[tuple[Path, FileEntry]] = []
+    files: list[tuple[Path, DraftFile]] = []
     licenses: dict[str, Any] = {}
     for model in spec.models:
         fetched = _fetch_model(model, options)
@@ -177,7 +185,7 @@ def _collect_models(
         paths = []
         for local, name, source in fetched:
             path = f"models/{model.id}/{name}"
-            files.append((local, FileEntry(path=path, size=0, sha256="0" * 64, kind="model", source=source)))
+            files.append((local, DraftFile(path=path, size=0, kind="model", source=source)))
             paths.append(path)
         gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
         metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
@@ -251,7 +259,7 @@ def _can_pack_cuda(spec: Spec) -> bool:
 
 def _collect_engine(
     spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions, *, cuda: bool
-) -> list[tuple[Path, FileEntry]]:
+) -> list[tuple[Path, DraftFile]]:
     """llama-server from the same sdist llama-cpp-python was built from, when the spec pulls that in; with
     `cuda`, the CUDA ggml backend of that sdist beside it."""
     if spec.engine is False:
@@ -273,7 +281,7 @@ def _collect_engine(
     pip = Pip(find_links=spec.python.find_links, index_url=spec.python.index_url, progress=options.progress)
     built = engine_for(sdist, pip, cache_dir=options.engine_cache or default_cache_dir(), progress=options.progress)
     source = manifest_source(built)
-    files = [(f.path, FileEntry(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
+    files = [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                 source=source)) for f in built.files]
     if cuda:
         files += _collect_cuda(sdist, pip, built.files, options, spec.cuda_architectures)
@@ -282,7 +290,7 @@ def _collect_engine(
 
 def _collect_cuda(
     sdist: Pin, pip: Pip, engine_files: Sequence[EngineFile], options: BuildOptions, architectures: Sequence[str]
-) -> list[tuple[Path, FileEntry]]:
+) -> list[tuple[Path, DraftFile]]:
     """libggml-cuda.so and the CUDA runtime, for the spec's architectures or the target's GPUs."""
     from airgap.build.sources import cuda
     from airgap.build.sources.engine import default_cache_dir
@@ -297,12 +305,12 @@ def _collect_cuda(
         raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the CUDA backend, "
                            "found none")
     source = cuda.manifest_source(built)
-    return [(f.path, FileEntry(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
+    return [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                source=source)) for f in built.files]
 
 
-def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, FileEntry]]:
-    return [(w.path, FileEntry(path=f"wheels/{w.filename}", size=w.size, sha256=w.sha256, kind="wheel",
+def wheels_payload(wheels: list[ResolvedWheel]) -> list[tuple[Path, DraftFile]]:
+    return [(w.path, DraftFile(path=f"wheels/{w.filename}", size=w.size, sha256=w.sha256, kind="wheel",
                                source=dict(w.source))) for w in wheels]
 
 
@@ -311,7 +319,7 @@ class Bootstrap:
     """The hashed requirements file that installs airgap alone, and the packages it names."""
 
     path: Path
-    entry: FileEntry
+    entry: DraftFile
     packages: frozenset[str]
 
 
@@ -325,5 +333,5 @@ def _bootstrap_requirements(spec: Spec, wheels: list[ResolvedWheel], work: Path)
     lines = [f"{w.name}=={w.version} --hash=sha256:{w.sha256}\n" for w in wheels if w.name in names]
     path = work / BOOTSTRAP_REQUIREMENTS
     path.write_text("".join(lines))
-    entry = FileEntry(path=BOOTSTRAP_REQUIREMENTS, size=0, sha256="0" * 64, kind="meta", source={"type": "generated"})
+    entry = DraftFile(path=BOOTSTRAP_REQUIREMENTS, size=0, kind="meta", source={"type": "generated"})
     return Bootstrap(path=path, entry=entry, packages=frozenset(names))

@@ -24,7 +24,16 @@ from typing import Any, BinaryIO, Protocol, cast
 import zstandard
 
 from airgap.errors import FormatError, IntegrityError
-from airgap.format.manifest import DEFAULT_LIMITS, FileEntry, Limits, Manifest, parse_manifest
+from airgap.format.manifest import (
+    DEFAULT_LIMITS,
+    DraftFile,
+    FileEntry,
+    Limits,
+    Manifest,
+    manifest_size,
+    parse_manifest,
+    sha256sums_size,
+)
 from airgap.streams import pipeline as hashing
 from airgap.streams.pipeline import (
     Digest,
@@ -48,7 +57,6 @@ ZSTD_LEVEL = 9
 ZSTD_MAX_WINDOW = 1 << 27  # caps the decoder's memory whatever a member's frame header asks for
 COMPRESS_MAX_RATIO = 0.95  # keep the zstd copy only if it saves at least 5 %
 _MAX_PAX_BYTES = BLOCK  # the writer's pax records (a path of up to 250 bytes, a size) fit in one block
-_PLACEHOLDER_SHA256 = "0" * 64
 CHECK_BEFORE_DECOMPRESS = 16 << 20  # compressed members up to this size are hashed before zstd sees a byte
 _MAX_MTIME = 8**11 - 1
 _PAX_RECORD = re.compile(rb"([1-9][0-9]{0,3}) (path|size)=")
@@ -582,10 +590,10 @@ def _decompressed(chunks: Iterator[bytes], entry: FileEntry) -> Iterator[bytes]:
 
 @dataclass(frozen=True)
 class PayloadFile:
-    """A file to pack: where it comes from and its manifest entry (hash may still be a placeholder)."""
+    """A file to pack: where it comes from and its draft entry (its hash may not be known yet)."""
 
     source_path: Path
-    entry: FileEntry
+    entry: DraftFile
 
 
 def _octal(value: int, width: int) -> bytes:
@@ -648,12 +656,11 @@ class _HashingWriter:
         return self.target.write(data)
 
 
-def prepare_entry(path: Path, entry: FileEntry, workdir: Path, compress: bool = True) -> PayloadFile:
+def prepare_entry(path: Path, entry: DraftFile, workdir: Path, compress: bool = True) -> PayloadFile:
     """Compress a compressible file into `workdir` if that saves enough; hash only if it was read anyway."""
     size = path.stat().st_size
     if entry.kind == "model" or size == 0 or not compress:
-        return PayloadFile(path, replace(entry, size=size, storage="raw", stored_size=size,
-                                         sha256=_PLACEHOLDER_SHA256))
+        return PayloadFile(path, replace(entry, size=size, storage="raw", stored_size=size))
     packed = workdir / f"{len(list(workdir.iterdir()))}.zst"
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
     with path.open("rb") as source, packed.open("wb") as target:
@@ -677,7 +684,7 @@ class LateFile:
     (fixed-width hex), because the head that lists it is reserved before the payload is hashed.
     """
 
-    entry: FileEntry
+    entry: DraftFile
     make: Callable[[Sequence[FileEntry]], bytes]
 
 
@@ -695,11 +702,11 @@ def write_bundle(
     Raw files are hashed while they are copied; the manifest's length does not depend on the hashes
     (fixed-width hex), so the space it needs at the start is known before the payload is written.
     `absent` entries (files an update drop leaves to its base) are listed after the carried ones.
+    The draft's own `files` are not used: the payload, `late` and `absent` are the files.
     """
     mtime = int(draft.created.timestamp())
     lates = () if late is None else (late.entry,)
-    placeholder = replace(draft, files=(*(p.entry for p in payload), *lates, *absent)).with_sha256sums()
-    head_size = _head_size(placeholder, mtime)
+    head_size = _head_size([*(p.entry for p in payload), *lates, *absent], draft)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         with tmp.open("wb") as out:
@@ -737,10 +744,14 @@ def write_payload(
     return entries
 
 
-def _head_size(manifest: Manifest, mtime: int) -> int:
-    return (len(member_bytes(MANIFEST_MEMBER, manifest.to_bytes(), mtime))
-            + len(member_bytes(SIGNATURES_MEMBER, bytes(SIGNATURES_BLOCK_SIZE), mtime))
-            + len(member_bytes(SUMS_MEMBER, manifest.sha256sums_text(), mtime)))
+def _head_size(files: Sequence[FileEntry | DraftFile], draft: Manifest) -> int:
+    return (_member_size(MANIFEST_MEMBER, manifest_size(draft, files))
+            + _member_size(SIGNATURES_MEMBER, SIGNATURES_BLOCK_SIZE)
+            + _member_size(SUMS_MEMBER, sha256sums_size(files)))
+
+
+def _member_size(name: str, size: int) -> int:
+    return len(member_header(name, size, 0)) + size + _padding(size)
 
 
 def _write_head(
@@ -780,9 +791,7 @@ def _pack_member(write: Callable[[bytes], object], item: PayloadFile, mtime: int
         raise IntegrityError(f"{item.source_path} changed while packing: expected {entry.stored_size} bytes "
                              f"(sha256 {entry.stored_sha256}), found {stored.size} (sha256 {stored.sha256})")
     write(bytes(_padding(stored.size)))
-    if entry.storage == "raw":
-        return replace(entry, sha256=stored.sha256)
-    return entry
+    return entry.hashed(stored.sha256 if entry.storage == "raw" else None)
 
 
 def _pack_late(write: Callable[[bytes], object], late: LateFile, before: Sequence[FileEntry], mtime: int) -> FileEntry:
@@ -792,7 +801,7 @@ def _pack_late(write: Callable[[bytes], object], late: LateFile, before: Sequenc
     write(member_header(late.entry.member_name, len(data), mtime))
     write(data)
     write(bytes(_padding(len(data))))
-    return replace(late.entry, storage="raw", stored_size=len(data), sha256=digest_bytes(data).sha256)
+    return replace(late.entry, storage="raw", stored_size=len(data)).hashed(digest_bytes(data).sha256)
 
 
 def add_signatures(path: Path, new: Sequence[Signature], limits: Limits = DEFAULT_LIMITS) -> Head:

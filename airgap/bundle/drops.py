@@ -25,7 +25,7 @@ from airgap.bundle.container import (
     write_bundle,
 )
 from airgap.errors import AirgapError, SpecError
-from airgap.format.manifest import BaseRef, FileEntry, Manifest
+from airgap.format.manifest import BaseRef, DraftFile, FileEntry, Manifest
 from airgap.streams.pipeline import digest_bytes, digest_files
 from airgap.trust.acceptance import parse_version
 from airgap.trust.roots import (
@@ -40,7 +40,6 @@ from airgap.trust.roots import (
 )
 from airgap.trust.signing import PrivateKey, PublicKey, Signature, sign, sign_envelope, verified_keys
 
-PLACEHOLDER_SHA256 = "0" * 64
 SignManifest = Callable[[bytes], Sequence[Signature]]
 
 
@@ -72,7 +71,7 @@ def root_payload(roots: Sequence[Root], work: Path) -> list[PayloadFile]:
         path = folder / f"root.{root.version}.json"
         path.write_bytes(data)
         digest = digest_bytes(data)
-        payload.append(PayloadFile(path, FileEntry(
+        payload.append(PayloadFile(path, DraftFile(
             path=root_member_path(root.version), size=digest.size, sha256=digest.sha256, kind="meta",
             storage="raw", stored_size=digest.size, source={"type": "root"})))
     return payload
@@ -108,7 +107,7 @@ def base_ref(base: Head, draft: Manifest) -> BaseRef:
 def plan_drop(payload: Sequence[PayloadFile], base: Manifest) -> tuple[list[PayloadFile], list[FileEntry]]:
     """Split the target state into files to carry and files the base already has (by content)."""
     have = {e.sha256 for e in base.files}
-    unknown = [p for p in payload if p.entry.sha256 == PLACEHOLDER_SHA256]
+    unknown = [p for p in payload if p.entry.sha256 is None]
     digests = dict(zip((id(p) for p in unknown), digest_files([p.source_path for p in unknown]), strict=True))
     carried: list[PayloadFile] = []
     absent: list[FileEntry] = []
@@ -118,7 +117,7 @@ def plan_drop(payload: Sequence[PayloadFile], base: Manifest) -> tuple[list[Payl
             digest = digests[id(item)]
             entry = replace(entry, size=digest.size, sha256=digest.sha256)
         if entry.sha256 in have and root_member_version(entry.path) is None:
-            absent.append(replace(entry, storage="absent", stored_size=0, stored_sha256=None))
+            absent.append(replace(entry, storage="absent", stored_size=0, stored_sha256=None).hashed())
         else:
             carried.append(item)
     return carried, absent

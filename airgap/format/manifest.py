@@ -10,14 +10,14 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 from packaging.version import InvalidVersion, Version
 
-from airgap.errors import FormatError
+from airgap.errors import FormatError, IntegrityError
 from airgap.format import strictjson
 
 FORMAT_VERSION = 2  # 2: `stored_sha256` for every compressed member (docs/FORMAT.md)
@@ -119,6 +119,63 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class DraftFile:
+    """A file on its way into a bundle: `sha256` is None until the packer has read its bytes.
+
+    Only `hashed` turns it into a FileEntry, so no manifest can ever hold a hash nobody computed.
+    """
+
+    path: str
+    size: int
+    kind: FileKind
+    sha256: str | None = None
+    storage: Storage = "raw"
+    stored_size: int = 0
+    source: Mapping[str, str] = field(default_factory=dict)
+    stored_sha256: str | None = None
+
+    @property
+    def member_name(self) -> str:
+        return f"files/{self.path}.zst" if self.storage == "zstd" else f"files/{self.path}"
+
+    def hashed(self, sha256: str | None = None) -> FileEntry:
+        """The manifest entry, with the hash the packer computed or the one known before (they must agree)."""
+        known = self.sha256 if sha256 is None else sha256
+        if known is None:
+            raise ValueError(f"{self.path} has not been hashed yet")
+        if self.sha256 is not None and known != self.sha256:
+            raise IntegrityError(f"{self.path} changed since it was hashed: expected sha256 {self.sha256}, "
+                                 f"found {known}")
+        return FileEntry(path=self.path, size=self.size, sha256=known, kind=self.kind, storage=self.storage,
+                         stored_size=self.stored_size, source=self.source, stored_sha256=self.stored_sha256)
+
+
+def draft_of(entry: FileEntry) -> DraftFile:
+    return DraftFile(path=entry.path, size=entry.size, kind=entry.kind, sha256=entry.sha256, storage=entry.storage,
+                     stored_size=entry.stored_size, source=entry.source, stored_sha256=entry.stored_sha256)
+
+
+_HASH_FIELD_WIDTH = len('"') * 2 + 64 - len("null")  # a hash not yet known is written as null: 62 bytes short
+
+
+def manifest_size(draft: Manifest, files: Sequence[FileEntry | DraftFile]) -> int:
+    """The exact length of `draft.to_bytes()` once it lists `files`, every hash known, and its sha256sums.
+
+    Hashes are fixed-width hex, so the length is known before the payload is read.
+    """
+    doc = draft.to_dict()
+    doc["files"] = [_file_to_dict(f) for f in files]
+    doc["sha256sums"] = None
+    unknown = 1 + sum(f.sha256 is None for f in files)
+    return len(_canonical(doc)) + unknown * _HASH_FIELD_WIDTH
+
+
+def sha256sums_size(files: Sequence[FileEntry | DraftFile]) -> int:
+    """The length of the SHA256SUMS text that lists the carried `files` (64 hex digits, two spaces, path)."""
+    return sum(64 + 2 + len(f.path.encode()) + 1 for f in files if f.storage != "absent")
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A model clients ask for by `id`, its file(s) and what its GGUF header says."""
 
@@ -159,6 +216,12 @@ class Manifest:
     sha256sums: str = ""
     format_version: int = FORMAT_VERSION
     target: Mapping[str, Any] | None = None  # the host built for (`build --target`); None: any host
+
+    def __post_init__(self) -> None:
+        stray = next((f for f in self.files if not isinstance(f, FileEntry)), None)
+        if stray is not None:  # a DraftFile or a hand-made stand-in: a manifest lists only hashed files
+            raise TypeError(f"a manifest lists FileEntry values, found {type(stray).__name__} for "
+                            f"{getattr(stray, 'path', stray)!r}")
 
     def file(self, path: str) -> FileEntry:
         entry = self._by_path.get(path)
@@ -212,10 +275,14 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         """Canonical form: sorted keys, fixed indentation, ASCII only, one trailing newline."""
-        return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
+        return _canonical(self.to_dict())
 
 
-def _file_to_dict(entry: FileEntry) -> dict[str, Any]:
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
+
+
+def _file_to_dict(entry: FileEntry | DraftFile) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "path": entry.path, "size": entry.size, "sha256": entry.sha256, "kind": entry.kind,
         "storage": entry.storage, "stored_size": entry.stored_size, "source": dict(entry.source),

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from airgap.bundle.container import BLOCK, Head, prepare_entry, read_head_from_path
 from airgap.bundle.drops import create_root, pack, root_payload
-from airgap.format.manifest import FileEntry, Manifest, ModelEntry
+from airgap.format.manifest import DraftFile, Manifest, ModelEntry
 from airgap.prefix.install import InstallReport, install_bundle
 from airgap.trust.acceptance import NO_OVERRIDES, Overrides
 from airgap.trust.keyfiles import write_keypair
@@ -64,7 +64,7 @@ def make_bundle(
         local = src / rel.replace("/", "__")
         local.write_bytes(data)
         kind = "model" if rel.startswith("models/") else "meta"
-        sources.append(prepare_entry(local, FileEntry(path=rel, size=0, sha256="0" * 64, kind=kind), work))
+        sources.append(prepare_entry(local, DraftFile(path=rel, size=0, kind=kind), work))
     models = {rel.split("/")[1] for rel in files if rel.startswith("models/")}
     draft = Manifest(
         name=name, version=version, created=created, expires=created + timedelta(days=expires_days),

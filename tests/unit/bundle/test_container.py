@@ -18,11 +18,14 @@ from airgap.bundle.container import (
     add_signatures,
     member_bytes,
     member_header,
+    prepare_entry,
     read_head,
     read_payload,
+    write_bundle,
 )
 from airgap.errors import AirgapError, FormatError, IntegrityError
-from airgap.format.manifest import Manifest
+from airgap.format.manifest import DraftFile, Manifest
+from airgap.streams.pipeline import digest_bytes
 from airgap.trust.signing import TrustPolicy, decode_signatures, encode_signatures, key_id, sign
 from tests.support import make_test_bundle
 
@@ -423,3 +426,18 @@ def test_a_pax_header_with_a_negative_base_256_size_is_refused_without_reading_o
     header[148:156] = b"%06o\0 " % sum(header)
     with pytest.raises(FormatError, match="pax header too large: limit 512 bytes, found -1"):
         full_check(data[:at] + bytes(header) + data[at + 512:], policy)
+
+
+def test_a_file_whose_known_hash_no_longer_matches_is_refused_while_packing(tmp_path: Path) -> None:
+    wheel = tmp_path / "x-1.0-py3-none-any.whl"
+    wheel.write_bytes(b"resolved bytes")
+    known = digest_bytes(wheel.read_bytes()).sha256
+    item = prepare_entry(wheel, DraftFile("wheels/x-1.0-py3-none-any.whl", 0, "wheel", sha256=known), tmp_path,
+                         compress=False)
+    wheel.write_bytes(b"swapped bytes!")  # same size, other content, after the resolver hashed it
+    draft = Manifest("b", "1.0", NOW, NOW, "0.1.0", ())
+    out = tmp_path / "b.airgap"
+    with pytest.raises(IntegrityError, match=f"^wheels/x-1.0-py3-none-any.whl changed since it was hashed: "
+                                             f"expected sha256 {known}, found "):
+        write_bundle(out, draft, [item], lambda data: [sign(data, Ed25519PrivateKey.generate())])
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))

@@ -24,7 +24,7 @@ from airgap.bundle.drops import (
     write_root_file,
 )
 from airgap.errors import AirgapError, IntegrityError, SpecError, TrustError
-from airgap.format.manifest import BaseRef, FileEntry, FileKind, Manifest, ModelEntry
+from airgap.format.manifest import BaseRef, DraftFile, FileKind, Manifest, ModelEntry
 from airgap.streams.pipeline import digest_bytes
 from airgap.trust.roots import Root, parse_root
 from airgap.trust.signing import TrustPolicy, key_id, sign
@@ -46,7 +46,7 @@ def build(folder: Path, version: str, files: dict[str, bytes], key: Ed25519Priva
         local = src / rel.replace("/", "__")
         local.write_bytes(data)
         kind: FileKind = "model" if rel.startswith("models/") else "meta"
-        payload.append(prepare_entry(local, FileEntry(path=rel, size=0, sha256="0" * 64, kind=kind), work))
+        payload.append(prepare_entry(local, DraftFile(path=rel, size=0, kind=kind), work))
     draft = Manifest(name=name, version=version, created=T0, expires=T0 + timedelta(days=30), tool_version="test",
                      files=(), models=(ModelEntry("m", ("models/m/w.gguf",)),))
     out = folder / f"{name}-{version}.airgap"

@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from airgap.errors import FormatError
+from airgap.errors import FormatError, IntegrityError
 from airgap.format.manifest import (
     DEFAULT_LIMITS,
+    DraftFile,
     FileEntry,
     Limits,
     Manifest,
@@ -19,7 +20,10 @@ from airgap.format.manifest import (
     PythonPackage,
     check_name,
     check_path,
+    draft_of,
+    manifest_size,
     parse_manifest,
+    sha256sums_size,
 )
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -265,3 +269,36 @@ def test_embedding_flag_must_be_a_boolean() -> None:
     with pytest.raises(FormatError) as caught:
         parse_manifest(json.dumps(raw).encode())
     assert caught.value.message == "invalid model 'tiny': 'embedding' must be true or false, found 'yes'"
+
+
+# ---------------------------------------------------------------- drafts: files not hashed yet
+
+def test_draft_without_hash_cannot_become_an_entry() -> None:
+    with pytest.raises(ValueError, match=r"^models/m/w\.gguf has not been hashed yet$"):
+        DraftFile("models/m/w.gguf", 3, "model").hashed()
+
+
+def test_draft_keeps_a_known_hash_and_refuses_another() -> None:
+    known = DraftFile("meta/a", 3, "meta", sha256="a" * 64, stored_size=3)
+    assert known.hashed() == FileEntry("meta/a", 3, "a" * 64, "meta", "raw", 3)
+    assert known.hashed("a" * 64) == known.hashed()
+    with pytest.raises(IntegrityError, match=f"^meta/a changed since it was hashed: expected sha256 {'a' * 64}, "
+                                             f"found {'b' * 64}$"):
+        known.hashed("b" * 64)
+
+
+def test_manifest_lists_only_hashed_entries() -> None:
+    with pytest.raises(TypeError, match=r"^a manifest lists FileEntry values, found DraftFile for 'meta/a'$"):
+        replace(sample(), files=(DraftFile("meta/a", 3, "meta"),))
+
+
+def test_manifest_size_is_exact_before_the_hashes_are_known() -> None:
+    base = sample()
+    finals = [*base.files, FileEntry("meta/late", 7, "d" * 64, "meta", "raw", 7), *(
+        FileEntry(f"models/m/{n}.gguf", 10**n, f"{n:x}" * 64, "model", "absent", 0) for n in range(1, 12))]
+    drafts = [draft_of(e) if e.storage == "zstd" else replace(draft_of(e), sha256=None) for e in finals]
+    draft = replace(base, files=(), sha256sums="")
+    final = replace(base, files=tuple(finals)).with_sha256sums()
+    assert manifest_size(draft, drafts) == len(final.to_bytes())
+    assert manifest_size(draft, finals) == len(final.to_bytes())
+    assert sha256sums_size(drafts) == len(final.sha256sums_text())
