@@ -19,6 +19,7 @@ from packaging.version import InvalidVersion, Version
 
 from airgap.errors import FormatError, IntegrityError
 from airgap.format import strictjson
+from airgap.format.fields import Fields
 
 FORMAT_VERSION = 2  # 2: `stored_sha256` for every compressed member (docs/FORMAT.md)
 READABLE_FORMATS = (1, 2)  # installed format-1 manifests stay readable; bundle readers may ask for more
@@ -302,7 +303,7 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS,
     if len(data) > limits.max_manifest_bytes:
         raise FormatError(f"manifest too large: limit {limits.max_manifest_bytes} bytes, found {len(data)}")
     raw = strictjson.loads(data, "manifest")
-    doc = JsonObject(raw, "manifest")
+    doc = Fields(raw, "manifest")
     if doc.raw.get("_type") != MANIFEST_TYPE:
         raise FormatError(f"not an airgap manifest: expected _type {MANIFEST_TYPE!r}, "
                           f"found {repr(doc.raw.get('_type'))[:80]}")
@@ -321,10 +322,10 @@ def parse_manifest(data: bytes, limits: Limits = DEFAULT_LIMITS,
         version=check_version(doc.text("version"), "bundle version"),
         created=parse_time(doc.text("created"), "creation time"),
         expires=parse_time(doc.text("expires"), "expiry time"),
-        tool_version=JsonObject(doc.obj("tool"), "tool").text("version"),
+        tool_version=Fields(doc.obj("tool"), "tool").text("version"),
         files=files,
         models=_parse_models(doc.items("models", limits.max_models), by_path, limits),
-        packages=_parse_packages(JsonObject(python, "python").items("packages", limits.max_packages), by_path),
+        packages=_parse_packages(Fields(python, "python").items("packages", limits.max_packages), by_path),
         python={k: v for k, v in python.items() if k != "packages"},
         base=_parse_base(doc.raw.get("base")),
         sha256sums=_check_sha256(doc.text("sha256sums"), "sha256sums"),
@@ -359,14 +360,14 @@ _FILE_FIELDS: Mapping[str, type] = {"path": str, "size": int, "sha256": str, "ki
 
 def _parse_file(raw: object, limits: Limits, fmt: int) -> FileEntry:
     # the manifest's bulk: field types checked inline (type() is, so that True is not an integer),
-    # JsonObject only to word the error
+    # Fields only to word the error
     get = raw.get if type(raw) is dict else None
     if get is None or not (type(get("path")) is str and type(get("size")) is int and type(get("sha256")) is str
                            and type(get("kind")) is str and type(get("storage")) is str
                            and type(get("stored_size")) is int and type(get("source")) is dict):
-        doc = JsonObject(raw, "file")
+        doc = Fields(raw, "file")
         for key, kind in _FILE_FIELDS.items():
-            doc._get(key, kind, {str: "a string", int: "an integer", dict: "an object"}[kind])
+            doc.typed(key, kind, {str: "a string", int: "an integer", dict: "an object"}[kind])
         raise AssertionError("unreachable: a field failed the fast check but not the slow one")
     raw = cast(dict[str, Any], raw)
     size, stored_size, kind, storage = raw["size"], raw["stored_size"], raw["kind"], raw["storage"]
@@ -388,7 +389,7 @@ def _parse_file(raw: object, limits: Limits, fmt: int) -> FileEntry:
         if storage != "zstd" or fmt < 2:
             raise FormatError(f"file {path!r}: stored_sha256 belongs to compressed files of format 2, "
                               f"found it on a {storage} file of format {fmt}")
-        stored_sha256 = _check_sha256(JsonObject(raw, "file").text("stored_sha256"), f"stored_sha256 of {path!r}")
+        stored_sha256 = _check_sha256(Fields(raw, "file").text("stored_sha256"), f"stored_sha256 of {path!r}")
     source = raw["source"]
     if source and (len(source) > limits.max_source_fields or not all(
             type(k) is str and type(v) is str and len(k) + len(v) <= limits.max_source_chars
@@ -404,7 +405,7 @@ def _parse_file(raw: object, limits: Limits, fmt: int) -> FileEntry:
 def _parse_models(items: list[Any], by_path: Mapping[str, FileEntry], limits: Limits) -> tuple[ModelEntry, ...]:
     models = []
     for item in items:
-        doc = JsonObject(item, "model")
+        doc = Fields(item, "model")
         model_id = check_name(doc.text("id"), "model id")
         model_files = tuple(doc.items("files", limits.max_model_files))
         missing = [p for p in model_files if not isinstance(p, str) or p not in by_path]
@@ -421,7 +422,7 @@ def _parse_models(items: list[Any], by_path: Mapping[str, FileEntry], limits: Li
 def _parse_packages(items: list[Any], by_path: Mapping[str, FileEntry]) -> tuple[PythonPackage, ...]:
     packages = []
     for item in items:
-        doc = JsonObject(item, "package")
+        doc = Fields(item, "package")
         path = doc.text("path")
         if path not in by_path:
             raise FormatError(f"python package {doc.text('name')[:100]!r} names a file the manifest does not "
@@ -463,42 +464,8 @@ def check_gguf(model_id: str, gguf: Mapping[str, Any], limits: Limits = DEFAULT_
 def _parse_base(raw: object) -> BaseRef | None:
     if raw is None:
         return None
-    doc = JsonObject(raw, "base")
+    doc = Fields(raw, "base")
     return BaseRef(
         name=check_name(doc.text("name"), "base name"), version=check_version(doc.text("version"), "base version"),
         manifest_sha256=_check_sha256(doc.text("manifest_sha256"), "base manifest_sha256"),
     )
-
-
-class JsonObject:
-    """Typed access to one JSON object, with errors that name the field."""
-
-    def __init__(self, raw: object, what: str) -> None:
-        if not isinstance(raw, dict):
-            raise FormatError(f"invalid {what}: expected a JSON object, found {type(raw).__name__}")
-        self.raw: dict[str, Any] = raw
-        self.what = what
-
-    def _get(self, key: str, kind: type, kind_name: str) -> Any:
-        value = self.raw.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise FormatError(f"invalid {self.what}: field {key!r} must be {kind_name}, found {repr(value)[:80]}")
-        return value
-
-    def text(self, key: str) -> str:
-        return str(self._get(key, str, "a string"))
-
-    def num(self, key: str) -> int:
-        value = int(self._get(key, int, "an integer"))
-        if value < 0:
-            raise FormatError(f"invalid {self.what}: field {key!r} must not be negative, found {value}")
-        return value
-
-    def obj(self, key: str) -> dict[str, Any]:
-        return dict(self._get(key, dict, "an object"))
-
-    def items(self, key: str, limit: int) -> list[Any]:
-        value = list(self._get(key, list, "a list"))
-        if len(value) > limit:
-            raise FormatError(f"invalid {self.what}: field {key!r} has {len(value)} items, limit {limit}")
-        return value

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from airgap.errors import PlanError
+from airgap.format.fields import Fields
 from airgap.hardware.facts import HostInfo
 
 KIB = 1 << 10
@@ -60,10 +61,10 @@ class ModelShape:
 
     @classmethod
     def from_gguf(cls, model_id: str, gguf: Mapping[str, Any], weights_bytes: int) -> ModelShape:
-        reader = _Fields(model_id, gguf)
+        reader = Fields(gguf, f"GGUF metadata of model {model_id!r}", error=PlanError)
         n_layer = reader.positive("block_count")
         n_embd = reader.positive("embedding_length")
-        n_head = reader.count_or_zero("head_count")
+        n_head = reader.count("head_count", 0)
         kv = gguf.get("head_count_kv", n_head)
         per_layer = isinstance(kv, list | tuple)
         n_head_kv = tuple(kv) if per_layer else (reader.count("head_count_kv", n_head),)
@@ -461,27 +462,3 @@ def _gib(n: int) -> str:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-class _Fields:
-    def __init__(self, model_id: str, gguf: Mapping[str, Any]) -> None:
-        self.model_id = model_id
-        self.gguf = gguf
-
-    def count(self, key: str, default: int) -> int:
-        value = self.gguf.get(key)
-        if value is None:
-            return default
-        if not _is_count(value):
-            raise PlanError(f"model {self.model_id!r}: GGUF field {key!r} must be a count, found {value!r}")
-        return int(value)
-
-    def count_or_zero(self, key: str) -> int:
-        return self.count(key, 0)
-
-    def positive(self, key: str) -> int:
-        value = self.count(key, 0)
-        if value <= 0:
-            raise PlanError(f"model {self.model_id!r}: GGUF field {key!r} must be a positive count, found "
-                            f"{self.gguf.get(key)!r}; cannot size the model")
-        return value

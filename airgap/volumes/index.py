@@ -17,7 +17,7 @@ from typing import Any
 
 from airgap.errors import FormatError, VolumeError
 from airgap.format import strictjson
-from airgap.format.manifest import JsonObject
+from airgap.format.fields import Fields
 from airgap.streams.pipeline import digest_bytes
 
 INDEX_TYPE = "airgap/volumes"
@@ -207,7 +207,7 @@ def parse_index(data: bytes, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volu
     if len(data) > limits.max_index_bytes:
         raise FormatError(f"volume index too large: limit {limits.max_index_bytes} bytes, found {len(data)}")
     raw = strictjson.loads(data, "volume index")
-    doc = JsonObject(raw, "volume index")
+    doc = Fields(raw, "volume index")
     if raw.get("_type") != INDEX_TYPE:
         raise FormatError(f"not an airgap volume index: expected _type {INDEX_TYPE!r}, found {raw.get('_type')!r}")
     if doc.num("format") != INDEX_FORMAT:
@@ -216,7 +216,7 @@ def parse_index(data: bytes, limits: IndexLimits = DEFAULT_INDEX_LIMITS) -> Volu
     checksum = doc.text("checksum")
     if checksum != _checksum({k: v for k, v in raw.items() if k != "checksum"}):
         raise FormatError("volume index is damaged: its checksum does not match its content")
-    bundle = JsonObject(doc.obj("bundle"), "volume index bundle")
+    bundle = Fields(doc.obj("bundle"), "volume index bundle")
     bundle_file = check_bundle_file(bundle.text("file"))
     bundle_size = bundle.num("size")
     if not 0 < bundle_size <= limits.max_bundle_size:
@@ -256,7 +256,7 @@ def _parse_recovery(
 ) -> tuple[tuple[VolumeFile, ...], int]:
     if raw is None:
         return (), 0
-    doc = JsonObject(raw, "volume index recovery")
+    doc = Fields(raw, "volume index recovery")
     if doc.text("scheme") != "zfec":
         raise FormatError(f"volume index: unknown recovery scheme, expected 'zfec', found {doc.text('scheme')!r}")
     stripe = doc.num("stripe_size")
@@ -281,7 +281,7 @@ class _SegmentBudget:
 
 
 def _parse_file(raw: object, name: str, size: int, segment_size: int, budget: _SegmentBudget) -> VolumeFile:
-    doc = JsonObject(raw, f"volume {name}")
+    doc = Fields(raw, f"volume {name}")
     if doc.text("name") != name:
         raise FormatError(f"volume index: expected volume name {name!r}, found {doc.text('name')[:100]!r}")
     if doc.num("size") != size:

@@ -28,7 +28,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "bundle": {"format", "trust", "streams"},
     "volumes": {"format", "streams", "bundle", "progress", "templates", "hardware"},  # probe.py goes on the stick
     "prefix": {"format", "trust", "streams", "bundle", "volumes", "progress"},
-    "hardware": set(),  # host facts, the probe (stdlib only: tests/unit/hardware/test_probe.py), sizing
+    "hardware": {"format"},  # host facts, the probe (stdlib only: tests/unit/hardware/test_probe.py), sizing
     "serve": {"format", "prefix", "hardware", "templates"},
     "build": {"format", "trust", "streams", "bundle", "progress", "hardware"},
     "cli": {"format", "trust", "streams", "bundle", "volumes", "prefix", "hardware", "serve", "build", "fleet",

@@ -200,15 +200,22 @@ def test_plan_explains_itself_in_words_and_json() -> None:
     assert document["ram_needed"] == footprint(LLAMA2_7B, 0, plan.n_ctx).ram
 
 
-@pytest.mark.parametrize("bad", [
-    {"block_count": 0}, {"embedding_length": None}, {"head_count_kv": "8"}, {"head_count_kv": [8, 8]},
-    {"block_count": True},
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"block_count": 0}, "field 'block_count' must be a positive integer, found 0"),
+    ({"embedding_length": None}, "field 'embedding_length' must be a positive integer, found None"),
+    ({"block_count": True}, "field 'block_count' must be a positive integer, found True"),
+    ({"head_count_kv": "8"}, "field 'head_count_kv' must be an integer, found '8'"),
+    ({"head_count_kv": [8, 8]}, "head_count_kv must be one count or one per layer, found [8, 8]"),
+    ({"context_length": -1}, "field 'context_length' must not be negative, found -1"),
+    ({"vocab_size": 1.5}, "field 'vocab_size' must be an integer, found 1.5"),
 ])
-def test_malformed_gguf_metadata_is_refused(bad: dict[str, Any]) -> None:
+def test_malformed_gguf_metadata_is_refused(bad: dict[str, Any], message: str) -> None:
     gguf = {"block_count": 32, "embedding_length": 4096, "head_count": 32, "head_count_kv": 8,
             "context_length": 4096, "vocab_size": 32000, "parameter_count": 7 * 10**9, **bad}
-    with pytest.raises(PlanError, match=r"GGUF field|head_count_kv"):
+    with pytest.raises(PlanError) as refused:
         ModelShape.from_gguf("broken", gguf, 4 * GIB)
+    prefix = "model 'broken': " if "one per layer" in message else "invalid GGUF metadata of model 'broken': "
+    assert str(refused.value) == prefix + message
 
 
 @pytest.mark.parametrize("overrides", [

@@ -1,0 +1,93 @@
+"""The one way to read untrusted JSON (a manifest, a volume index, state.json, GGUF metadata): pure, no I/O.
+
+Every refusal names the object and the field, says what was expected and what was found, and is raised
+as the caller's error class, so that each layer keeps its own error while the wording stays one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from airgap.errors import AirgapError, FormatError
+
+MakeError = Callable[[str], AirgapError]
+_SHOWN = 80  # characters of a bad value quoted back: a hostile file can make a value huge
+
+
+class Fields:
+    """Typed access to one JSON object, with errors that name the field."""
+
+    def __init__(self, raw: object, what: str, *, error: MakeError = FormatError) -> None:
+        if not isinstance(raw, Mapping):
+            raise error(f"invalid {what}: expected a JSON object, found {type(raw).__name__}")
+        self.raw: Mapping[str, Any] = raw
+        self.what = what
+        self.error = error
+
+    def refuse(self, key: str, expected: str, value: object) -> AirgapError:
+        return self.error(f"invalid {self.what}: field {key!r} must be {expected}, found {repr(value)[:_SHOWN]}")
+
+    def typed(self, key: str, kind: type, kind_name: str) -> Any:
+        value = self.raw.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.refuse(key, kind_name, value)
+        return value
+
+    def text(self, key: str) -> str:
+        return str(self.typed(key, str, "a string"))
+
+    def num(self, key: str) -> int:
+        value = int(self.typed(key, int, "an integer"))
+        if value < 0:
+            raise self.error(f"invalid {self.what}: field {key!r} must not be negative, found {value}")
+        return value
+
+    def obj(self, key: str) -> dict[str, Any]:
+        return dict(self.typed(key, dict, "an object"))
+
+    def items(self, key: str, limit: int) -> list[Any]:
+        value = list(self.typed(key, list, "a list"))
+        if len(value) > limit:
+            raise self.error(f"invalid {self.what}: field {key!r} has {len(value)} items, limit {limit}")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        """A string, or None where the field is absent or null."""
+        return None if self.raw.get(key) is None else self.text(key)
+
+    def count(self, key: str, default: int) -> int:
+        """A non-negative integer, or `default` where the field is absent or null."""
+        return default if self.raw.get(key) is None else self.num(key)
+
+    def positive(self, key: str) -> int:
+        value = self.raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.refuse(key, "a positive integer", value)
+        return value
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        """A list of strings; absent is the empty list."""
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.refuse(key, "a list of strings", value)
+        return tuple(value)
+
+    def objects(self, key: str) -> list[Fields]:
+        """A list of objects, each read with its index in its name; absent is the empty list."""
+        value = self.raw.get(key, [])
+        if not isinstance(value, list):
+            raise self.refuse(key, "a list", value)
+        return [Fields(item, f"{self.what} {key}[{i}]", error=self.error) for i, item in enumerate(value)]
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        """An object; absent is the empty object."""
+        return {} if key not in self.raw else self.obj(key)
+
+    def only(self, known: Iterable[str]) -> Fields:
+        """Refuse fields this reader does not know: a typo or a newer writer, never silently dropped."""
+        unknown = sorted(set(self.raw) - set(known))
+        if unknown:
+            raise self.error(f"invalid {self.what}: expected only the fields {', '.join(sorted(known))}, "
+                             f"found {', '.join(repr(k)[:_SHOWN] for k in unknown[:5])}")
+        return self
