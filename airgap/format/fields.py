@@ -56,6 +56,10 @@ class Fields:
         """A string, or None where the field is absent or null."""
         return None if self.raw.get(key) is None else self.text(key)
 
+    def optional_num(self, key: str) -> int | None:
+        """A non-negative integer, or None where the field is absent or null."""
+        return None if self.raw.get(key) is None else self.num(key)
+
     def count(self, key: str, default: int) -> int:
         """A non-negative integer, or `default` where the field is absent or null."""
         return default if self.raw.get(key) is None else self.num(key)
@@ -84,10 +88,18 @@ class Fields:
         """An object; absent is the empty object."""
         return {} if key not in self.raw else self.obj(key)
 
+    def text_table(self, key: str) -> dict[str, str]:
+        """An object of strings; absent is the empty object."""
+        value = self.mapping(key)
+        if not all(isinstance(v, str) for v in value.values()):
+            raise self.refuse(key, "an object of strings", value)
+        return value
+
     def only(self, known: Iterable[str]) -> Fields:
         """Refuse fields this reader does not know: a typo or a newer writer, never silently dropped."""
+        known = sorted(set(known))
         unknown = sorted(set(self.raw) - set(known))
         if unknown:
-            raise self.error(f"invalid {self.what}: expected only the fields {', '.join(sorted(known))}, "
+            raise self.error(f"invalid {self.what}: expected only the fields {', '.join(known)}, "
                              f"found {', '.join(repr(k)[:_SHOWN] for k in unknown[:5])}")
         return self

@@ -15,12 +15,13 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from airgap.errors import InstallError
+from airgap.format.fields import Fields, MakeError
 from airgap.format.manifest import BaseRef, format_time, parse_time
 from airgap.prefix.paths import Prefix
 from airgap.streams.atomic import fsync_dir, write_atomic
@@ -159,40 +160,50 @@ def load_state(prefix: Path) -> State:
         return State()
     except (OSError, ValueError) as exc:
         raise InstallError(f"{path}: installed state is unreadable: {exc}") from exc
-    if raw.get("format") != STATE_FORMAT:
-        raise InstallError(f"{path}: expected state format {STATE_FORMAT}, found {raw.get('format')!r}")
-    try:
-        return State(
-            active=raw.get("active"),
-            generations=tuple(_generation(g) for g in raw.get("generations", [])),
-            history=tuple(raw.get("history", [])),
-            pending=_pending(raw.get("pending")),
-            accepted=dict(raw.get("accepted", {})),
-            trusted_root=raw.get("trusted_root"),
-            time_floor_resets=tuple(FloorReset(**r) for r in raw.get("time_floor_resets", [])),
-        )
-    except (TypeError, AttributeError) as exc:
-        raise InstallError(f"{path}: installed state is malformed: {exc}") from exc
+
+    def malformed(message: str) -> InstallError:
+        return InstallError(f"{path}: installed state is malformed: {message}")
+
+    doc = Fields(raw, "state", error=malformed)
+    if doc.raw.get("format") != STATE_FORMAT:
+        raise InstallError(f"{path}: expected state format {STATE_FORMAT}, found {doc.raw.get('format')!r}")
+    doc.only(("format", *(f.name for f in fields(State))))
+    accepted = doc.mapping("accepted")
+    return State(
+        active=doc.optional_text("active"),
+        generations=tuple(_generation(g) for g in doc.objects("generations")),
+        history=doc.texts("history"),
+        pending=_pending(doc.raw.get("pending"), malformed),
+        accepted={name: Fields(accepted, "state accepted", error=malformed).text_table(name) for name in accepted},
+        trusted_root=doc.optional_num("trusted_root"),
+        time_floor_resets=tuple(
+            FloorReset(at=r.only(("at", "previous_floor")).text("at"), previous_floor=r.text("previous_floor"))
+            for r in doc.objects("time_floor_resets")),
+    )
 
 
-def _generation(raw: dict[str, Any]) -> Generation:
-    raw = dict(raw)
-    models = tuple(InstalledModel(**m) for m in raw.pop("models", []))
-    overrides = tuple(raw.pop("overrides", []))
-    return Generation(**raw, models=models, overrides=overrides)
+def _generation(doc: Fields) -> Generation:
+    doc.only(f.name for f in fields(Generation))
+    return Generation(
+        id=doc.text("id"), name=doc.text("name"), version=doc.text("version"),
+        manifest_sha256=doc.text("manifest_sha256"), created=doc.text("created"),
+        installed_at=doc.text("installed_at"),
+        models=tuple(InstalledModel(id=m.only(f.name for f in fields(InstalledModel)).text("id"), path=m.text("path"),
+                                    size=m.num("size"), sha256=m.text("sha256")) for m in doc.objects("models")),
+        overrides=doc.texts("overrides"),
+    )
 
 
-def _pending(raw: object) -> Pending | None:
+def _pending(raw: object, malformed: MakeError) -> Pending | None:
     if raw is None:
         return None
     if isinstance(raw, str):  # written before install steps were recorded
         return Pending(id=raw)
-    if not isinstance(raw, dict):
-        raise TypeError(f"pending must be an object, found {type(raw).__name__}")
-    gen = raw.get("generation")
-    return Pending(id=raw["id"], step=raw.get("step", STEP_STAGING),
-                   generation=_generation(gen) if gen is not None else None,
-                   accepted=dict(raw.get("accepted", {})), root_version=raw.get("root_version"))
+    doc = Fields(raw, "state pending", error=malformed).only(f.name for f in fields(Pending))
+    generation = None if doc.raw.get("generation") is None else _generation(
+        Fields(doc.obj("generation"), "state pending generation", error=malformed))
+    return Pending(id=doc.text("id"), step=doc.optional_text("step") or STEP_STAGING, generation=generation,
+                   accepted=doc.text_table("accepted"), root_version=doc.optional_num("root_version"))
 
 
 def save_state(prefix: Path, state: State) -> None:

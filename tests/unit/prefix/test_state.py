@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,10 +55,47 @@ def test_an_older_state_file_with_a_plain_pending_id_still_loads(tmp_path: Path)
     assert load_state(tmp_path).pending == Pending("x-1.0.0-abc")
 
 
-def test_malformed_state_is_an_install_error(tmp_path: Path) -> None:
-    (tmp_path / "state.json").write_text(json.dumps({"format": 1, "generations": [{"id": 1}]}))
-    with pytest.raises(InstallError, match="malformed"):
+def _saved(tmp_path: Path) -> dict[str, object]:
+    gen = generation("1.1.0")
+    save_state(tmp_path, State(active=gen.id, generations=(gen,), history=(gen.id,), trusted_root=1,
+                               pending=Pending("x-1.2.0", generation=gen)))
+    return dict(json.loads((tmp_path / "state.json").read_text()))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["generations"][0].update(id=1), "invalid state generations[0]: field 'id' must be a string, found 1"),
+    (lambda d: d["generations"][0]["models"][0].update(size=-3),
+     "invalid state generations[0] models[0]: field 'size' must not be negative, found -3"),
+    (lambda d: d["generations"][0].update(colour="red"),
+     "invalid state generations[0]: expected only the fields created, id, installed_at, manifest_sha256, models, "
+     "name, overrides, version, found 'colour'"),
+    (lambda d: d.update(history="x"), "invalid state: field 'history' must be a list of strings, found 'x'"),
+    (lambda d: d.update(trusted_root=True), "invalid state: field 'trusted_root' must be an integer, found True"),
+    (lambda d: d.update(generations={}), "invalid state: field 'generations' must be a list, found {}"),
+    (lambda d: d["pending"].update(accepted={"highest_version": 2}),
+     "invalid state pending: field 'accepted' must be an object of strings, found {'highest_version': 2}"),
+    (lambda d: d["pending"]["generation"].update(version=None),
+     "invalid state pending generation: field 'version' must be a string, found None"),
+    (lambda d: d.update(time_floor_resets=[{"at": "2030-01-01T00:00:00Z"}]),
+     "invalid state time_floor_resets[0]: field 'previous_floor' must be a string, found None"),
+    (lambda d: d.update(pending=[1]), "invalid state pending: expected a JSON object, found list"),
+])
+def test_malformed_state_is_an_install_error_that_names_the_field(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    document = _saved(tmp_path)
+    change(document)
+    (tmp_path / "state.json").write_text(json.dumps(document))
+    with pytest.raises(InstallError) as refused:
         load_state(tmp_path)
+    assert str(refused.value) == f"{tmp_path / 'state.json'}: installed state is malformed: {message}"
+
+
+def test_a_state_file_of_another_format_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text(json.dumps({"format": 2}))
+    with pytest.raises(InstallError) as refused:
+        load_state(tmp_path)
+    assert str(refused.value) == f"{tmp_path / 'state.json'}: expected state format 1, found 2"
 
 
 def test_committing_makes_the_pending_version_active_in_one_value() -> None:
