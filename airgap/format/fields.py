@@ -34,8 +34,13 @@ class Fields:
             raise self.refuse(key, kind_name, value)
         return value
 
-    def text(self, key: str) -> str:
-        return str(self.typed(key, str, "a string"))
+    def text(self, key: str, *, longest: int | None = None, empty: bool = True) -> str:
+        value = str(self.typed(key, str, "a string"))
+        if (longest is not None and len(value) > longest) or not (value or empty):
+            shape = "a non-empty string" if longest is None else f"a{' non-empty' if not empty else ''} string of " \
+                    f"at most {longest} characters"
+            raise self.refuse(key, shape, value)
+        return value
 
     def num(self, key: str) -> int:
         value = int(self.typed(key, int, "an integer"))
@@ -52,9 +57,9 @@ class Fields:
             raise self.error(f"invalid {self.what}: field {key!r} has {len(value)} items, limit {limit}")
         return value
 
-    def optional_text(self, key: str) -> str | None:
+    def optional_text(self, key: str, *, longest: int | None = None) -> str | None:
         """A string, or None where the field is absent or null."""
-        return None if self.raw.get(key) is None else self.text(key)
+        return None if self.raw.get(key) is None else self.text(key, longest=longest)
 
     def optional_num(self, key: str) -> int | None:
         """A non-negative integer, or None where the field is absent or null."""
@@ -70,16 +75,29 @@ class Fields:
             raise self.refuse(key, "a positive integer", value)
         return value
 
-    def texts(self, key: str) -> tuple[str, ...]:
-        """A list of strings; absent is the empty list."""
-        value = self.raw.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.refuse(key, "a list of strings", value)
+    def texts(self, key: str, *, longest: int | None = None, limit: int | None = None) -> tuple[str, ...]:
+        """A list of strings (each non-empty and at most `longest` long, where given); absent is the empty list."""
+        value = self._bounded(key, limit)
+        if not isinstance(value, list) or not all(
+                isinstance(v, str) and (longest is None or 0 < len(v) <= longest) for v in value):
+            shape = "a list of strings" if longest is None else f"a list of non-empty strings of at most {longest} " \
+                    "characters"
+            raise self.refuse(key, shape, value)
         return tuple(value)
 
-    def objects(self, key: str) -> list[Fields]:
-        """A list of objects, each read with its index in its name; absent is the empty list."""
+    def _bounded(self, key: str, limit: int | None) -> Any:
         value = self.raw.get(key, [])
+        if limit is not None and isinstance(value, list) and len(value) > limit:
+            raise self.error(f"invalid {self.what}: field {key!r} has {len(value)} items, limit {limit}")
+        return value
+
+    def sub(self, key: str) -> Fields:
+        """The object under `key`, read the same way and named by its path (`probe.memory`)."""
+        return Fields(self.raw.get(key), f"{self.what}.{key}", error=self.error)
+
+    def objects(self, key: str, *, limit: int | None = None) -> list[Fields]:
+        """A list of objects, each read with its index in its name; absent is the empty list."""
+        value = self._bounded(key, limit)
         if not isinstance(value, list):
             raise self.refuse(key, "a list", value)
         return [Fields(item, f"{self.what} {key}[{i}]", error=self.error) for i, item in enumerate(value)]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from airgap.errors import ProbeError
+from airgap.format.fields import Fields
 from airgap.hardware import probe
 
 MIB = 1 << 20
@@ -133,44 +134,54 @@ class HostFacts:
 
 def parse_probe(raw: object, where: str) -> HostFacts:
     """Check a probe document (as JSON-decoded) field by field; ProbeError names the first bad one."""
-    doc = _Doc(raw, where, "probe")
-    if doc.text("_type") != probe.PROBE_TYPE:
+    doc = Fields(raw, "probe", error=lambda message: ProbeError(f"{where}: {message}"))
+    if doc.text("_type", longest=_MAX_TEXT) != probe.PROBE_TYPE:
         raise ProbeError(f"{where}: not an airgap probe: expected _type {probe.PROBE_TYPE!r}, "
                          f"found {doc.raw.get('_type')!r}")
-    if doc.count("probe_format") != probe.PROBE_FORMAT:
+    if doc.num("probe_format") != probe.PROBE_FORMAT:
         raise ProbeError(f"{where}: unsupported probe format: this airgap reads format {probe.PROBE_FORMAT}, "
                          f"found {doc.raw.get('probe_format')!r}")
-    python, platform, cpu = doc.obj("python"), doc.obj("platform"), doc.obj("cpu")
-    memory, disk, nvidia = doc.obj("memory"), doc.obj("disk"), doc.obj("nvidia")
-    version = python.text("version")
+    python, platform, cpu = doc.sub("python"), doc.sub("platform"), doc.sub("cpu")
+    memory, disk, nvidia = doc.sub("memory"), doc.sub("disk"), doc.sub("nvidia")
+    version = python.text("version", longest=_MAX_TEXT)
     if not all(part.isdigit() for part in version.split(".")) or version.count(".") not in (1, 2):
         raise ProbeError(f"{where}: python.version must look like 3.11.7, found {version!r}")
-    level = cpu.optional_count("x86_64_level")
+    level = cpu.optional_num("x86_64_level")
     if level is not None and not 1 <= level <= 4:
         raise ProbeError(f"{where}: cpu.x86_64_level must be 1 to 4, found {level}")
-    total = memory.count("total")
+    total = memory.num("total")
+    tags = platform.texts("tags", longest=_MAX_TEXT, limit=_MAX_ITEMS)
+    if not tags:
+        raise ProbeError(f"{where}: platform.tags must list this host's wheel tags, found none")
     return HostFacts(
-        python_version=version, implementation=python.text("implementation"), abi=python.optional_text("abi"),
-        machine=platform.text("machine"), glibc=platform.optional_text("glibc"), musl=platform.optional_text("musl"),
-        platform_tags=tuple(platform.texts("tags")), cpu_model=cpu.optional_text("model"), x86_64_level=level,
-        usable_cpus=max(cpu.count("usable_cpus"), 1), cores=cpu.optional_count("cores"),
-        ram_total=total, ram_available=min(memory.count("available"), total),
-        cgroup_limit=memory.optional_count("cgroup_limit"),
-        disk_prefix=disk.optional_text("prefix"), disk_free=disk.optional_count("free"),
-        driver_version=nvidia.optional_text("driver_version"), gpu_source=nvidia.optional_text("source"),
-        gpu_note=nvidia.optional_text("note"), cuda_visible_devices=nvidia.optional_text("cuda_visible_devices"),
-        gpus=tuple(_gpu(_Doc(g, where, "nvidia.gpus[]")) for g in nvidia.items("gpus", 64)),
+        python_version=version, implementation=python.text("implementation", longest=_MAX_TEXT, empty=False),
+        abi=python.optional_text("abi", longest=_MAX_TEXT),
+        machine=platform.text("machine", longest=_MAX_TEXT, empty=False),
+        glibc=platform.optional_text("glibc", longest=_MAX_TEXT),
+        musl=platform.optional_text("musl", longest=_MAX_TEXT),
+        platform_tags=tags,
+        cpu_model=cpu.optional_text("model", longest=_MAX_TEXT), x86_64_level=level,
+        usable_cpus=max(cpu.num("usable_cpus"), 1), cores=cpu.optional_num("cores"),
+        ram_total=total, ram_available=min(memory.num("available"), total),
+        cgroup_limit=memory.optional_num("cgroup_limit"),
+        disk_prefix=disk.optional_text("prefix", longest=_MAX_TEXT), disk_free=disk.optional_num("free"),
+        driver_version=nvidia.optional_text("driver_version", longest=_MAX_TEXT),
+        gpu_source=nvidia.optional_text("source", longest=_MAX_TEXT),
+        gpu_note=nvidia.optional_text("note", longest=_MAX_TEXT),
+        cuda_visible_devices=nvidia.optional_text("cuda_visible_devices", longest=_MAX_TEXT),
+        gpus=tuple(_gpu(g, where) for g in nvidia.objects("gpus", limit=64)),
     )
 
 
-def _gpu(doc: _Doc) -> GpuFacts:
-    capability = doc.optional_text("compute_capability")
+def _gpu(doc: Fields, where: str) -> GpuFacts:
+    capability = doc.optional_text("compute_capability", longest=_MAX_TEXT)
     if capability is not None and not (capability.replace(".", "", 1).isdigit() and "." in capability):
-        raise ProbeError(f"{doc.where}: {doc.what}.compute_capability must look like 9.0, found {capability!r}")
+        raise ProbeError(f"{where}: {doc.what}.compute_capability must look like 9.0, found {capability!r}")
     return GpuFacts(
-        index=doc.count("index"), name=doc.text("name", allow_empty=True), uuid=doc.optional_text("uuid"),
-        bus_id=doc.optional_text("bus_id"), memory_total=doc.optional_count("memory_total"),
-        memory_free=doc.optional_count("memory_free"), compute_capability=capability,
+        index=doc.num("index"), name=doc.text("name", longest=_MAX_TEXT),
+        uuid=doc.optional_text("uuid", longest=_MAX_TEXT),
+        bus_id=doc.optional_text("bus_id", longest=_MAX_TEXT), memory_total=doc.optional_num("memory_total"),
+        memory_free=doc.optional_num("memory_free"), compute_capability=capability,
     )
 
 
@@ -254,50 +265,3 @@ def visible_gpus(gpus: tuple[GpuInfo, ...], cuda_visible_devices: str | None) ->
         order.append(int(part))
     by_index = {g.index: g for g in gpus}
     return tuple(by_index[i] for i in order if i in by_index)
-
-
-class _Doc:
-    """Typed, bounded access to one JSON object of a probe document, with errors that name the field."""
-
-    def __init__(self, raw: object, where: str, what: str) -> None:
-        if not isinstance(raw, dict):
-            raise ProbeError(f"{where}: {what} must be a JSON object, found {type(raw).__name__}")
-        self.raw: dict[str, Any] = raw
-        self.where = where
-        self.what = what
-
-    def _fail(self, key: str, expected: str) -> ProbeError:
-        return ProbeError(f"{self.where}: {self.what}.{key} must be {expected}, found {repr(self.raw.get(key))[:80]}")
-
-    def obj(self, key: str) -> _Doc:
-        return _Doc(self.raw.get(key), self.where, key if self.what == "probe" else f"{self.what}.{key}")
-
-    def text(self, key: str, allow_empty: bool = False) -> str:
-        value = self.raw.get(key)
-        if not isinstance(value, str) or len(value) > _MAX_TEXT or not (value or allow_empty):
-            raise self._fail(key, f"a string of at most {_MAX_TEXT} characters")
-        return value
-
-    def optional_text(self, key: str) -> str | None:
-        return None if self.raw.get(key) is None else self.text(key, allow_empty=True)
-
-    def count(self, key: str) -> int:
-        value = self.raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
-            raise self._fail(key, "a count (an integer >= 0)")
-        return value
-
-    def optional_count(self, key: str) -> int | None:
-        return None if self.raw.get(key) is None else self.count(key)
-
-    def items(self, key: str, limit: int) -> list[Any]:
-        value = self.raw.get(key)
-        if not isinstance(value, list) or len(value) > limit:
-            raise self._fail(key, f"a list of at most {limit} items")
-        return value
-
-    def texts(self, key: str) -> list[str]:
-        values = self.items(key, _MAX_ITEMS)
-        if not all(isinstance(v, str) and 0 < len(v) <= _MAX_TEXT for v in values):
-            raise self._fail(key, "a list of strings")
-        return values

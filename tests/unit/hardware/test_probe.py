@@ -178,10 +178,22 @@ def test_hostile_probe_files_are_refused_naming_the_field(tmp_path: Path) -> Non
         parse_probe(bad_type, "x")
     with pytest.raises(ProbeError, match="unsupported probe format: this airgap reads format 1, found 7"):
         parse_probe({**good, "probe_format": 7}, "x")
-    with pytest.raises(ProbeError, match=r"x: memory.total must be a count \(an integer >= 0\), found -5"):
-        parse_probe({**good, "memory": {**good["memory"], "total": -5}}, "x")
-    with pytest.raises(ProbeError, match=r"platform.tags must be a list of at most 4096 items"):
-        parse_probe({**good, "platform": {**good["platform"], "tags": ["t"] * 5000}}, "x")
+    for changed, message in [
+        ({"memory": {**good["memory"], "total": -5}},
+         "invalid probe.memory: field 'total' must not be negative, found -5"),
+        ({"platform": {**good["platform"], "tags": ["t"] * 5000}},
+         "invalid probe.platform: field 'tags' has 5000 items, limit 4096"),
+        ({"platform": {**good["platform"], "tags": []}}, "platform.tags must list this host's wheel tags, found none"),
+        ({"platform": {**good["platform"], "machine": "x" * 513}},
+         f"invalid probe.platform: field 'machine' must be a non-empty string of at most 512 characters, "
+         f"found {repr('x' * 513)[:80]}"),
+        ({"nvidia": {**good["nvidia"], "gpus": [{"index": "0"}]}},
+         "invalid probe.nvidia gpus[0]: field 'index' must be an integer, found '0'"),
+        ({"cpu": None}, "invalid probe.cpu: expected a JSON object, found NoneType"),
+    ]:
+        with pytest.raises(ProbeError) as refused:
+            parse_probe({**good, **changed}, "x")
+        assert str(refused.value) == f"x: {message}"
     (tmp_path / "p.json").write_text("{not json")
     with pytest.raises(ProbeError, match="not a probe file: expected JSON written by `airgap probe`"):
         load_probe(tmp_path / "p.json")

@@ -92,7 +92,7 @@ def test_host_check_warns_in_one_line_and_survives_a_malformed_record(here: Host
                                       "warning": None}
     broken = host_check({"host": {"_type": "airgap/probe", "probe_format": 1}}, here)
     assert broken["warning"] == ("warning: cannot compare with the host this bundle was built for: the bundle's "
-                                 "target record: python must be a JSON object, found NoneType")
+                                 "target record: invalid probe.python: expected a JSON object, found NoneType")
 
 
 def test_a_gpu_engine_has_no_usable_gpu_without_an_nvidia_gpu_or_below_the_driver_floor(here: HostFacts) -> None:
