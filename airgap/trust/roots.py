@@ -21,12 +21,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from airgap.errors import FormatError, KeyFileError, SignatureError, TrustError
 from airgap.format import strictjson
+from airgap.format.fields import Fields
 from airgap.format.manifest import DEFAULT_LIMITS, Limits, format_time, parse_time
 from airgap.trust.signing import (
     Envelope,
@@ -118,40 +118,41 @@ def with_envelope(root: Root, envelope: Envelope) -> Root:
 def parse_root(data: bytes, limits: Limits = DEFAULT_LIMITS, what: str = "root file") -> Root:
     """Parse a root envelope and its payload, strictly; signatures are checked elsewhere."""
     envelope = parse_envelope(data, ROOT_PAYLOAD_TYPE, limits.max_metadata_bytes, limits.max_signatures, what)
-    raw = strictjson.loads(envelope.payload, f"{what} payload")
-    if not isinstance(raw, dict) or raw.get("_type") != ROOT_TYPE:
-        found = raw.get("_type") if isinstance(raw, dict) else type(raw).__name__
-        raise FormatError(f"{what}: expected _type {ROOT_TYPE!r}, found {found!r}")
-    if raw.get("format") != ROOT_FORMAT:
-        raise FormatError(f"{what}: this airgap reads root format {ROOT_FORMAT}, found {raw.get('format')!r}")
-    version = raw.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 10**9:
-        raise FormatError(f"{what}: version must be a positive integer, found {version!r}")
+    doc = Fields(strictjson.loads(envelope.payload, f"{what} payload"), f"{what} payload")
+    if doc.raw.get("_type") != ROOT_TYPE:
+        raise FormatError(f"{what}: expected _type {ROOT_TYPE!r}, found {doc.raw.get('_type')!r}")
+    if doc.raw.get("format") != ROOT_FORMAT:
+        raise FormatError(f"{what}: this airgap reads root format {ROOT_FORMAT}, found {doc.raw.get('format')!r}")
+    version = doc.positive("version")
+    if version >= 10**9:
+        raise FormatError(f"{what}: version must be below 1000000000, found {version}")
     what = f"root version {version}"
-    keys = _parse_keys(raw.get("keys"), limits, what)
-    roles = raw.get("roles")
-    if not isinstance(roles, dict) or sorted(roles) != sorted(ROLE_NAMES):
-        found = sorted(roles) if isinstance(roles, dict) else roles
-        raise FormatError(f"{what}: expected roles {list(ROLE_NAMES)}, found {found!r}")
+    doc.only(("_type", "format", "version", "expires", "keys", "roles"))
+    keys = _parse_keys(Fields(doc.raw.get("keys"), f"{what} keys"), limits, what)
+    roles = Fields(doc.raw.get("roles"), f"{what} roles")
+    if sorted(roles.raw) != sorted(ROLE_NAMES):
+        raise FormatError(f"{what}: expected roles {list(ROLE_NAMES)}, found {sorted(roles.raw)!r}")
     return Root(
-        version=version, expires=parse_time(str(raw.get("expires")), f"{what} expiry"),
-        root=_parse_role(roles["root"], keys, f"{what} root role"),
-        release=_parse_role(roles["release"], keys, f"{what} release role"),
+        version=version, expires=parse_time(doc.text("expires"), f"{what} expiry"),
+        root=_parse_role(roles.sub("root"), keys, limits, f"{what} root role"),
+        release=_parse_role(roles.sub("release"), keys, limits, f"{what} release role"),
         envelope=envelope,
     )
 
 
-def _parse_keys(raw: object, limits: Limits, what: str) -> dict[str, Ed25519PublicKey]:
-    if not isinstance(raw, dict) or not raw:
-        raise FormatError(f"{what}: expected a non-empty 'keys' object")
-    if len(raw) > limits.max_signatures:
-        raise FormatError(f"{what}: limit {limits.max_signatures} keys, found {len(raw)}")
+def _parse_keys(doc: Fields, limits: Limits, what: str) -> dict[str, Ed25519PublicKey]:
+    if not doc.raw:
+        raise FormatError(f"{what}: expected at least one key in 'keys', found none")
+    if len(doc.raw) > limits.max_signatures:
+        raise FormatError(f"{what}: limit {limits.max_signatures} keys, found {len(doc.raw)}")
     keys: dict[str, Ed25519PublicKey] = {}
-    for keyid, entry in raw.items():
-        if not isinstance(entry, dict) or entry.get("keytype") != "ed25519" or not isinstance(entry.get("public"), str):
-            raise FormatError(f"{what}: key {str(keyid)[:16]} must be {{'keytype': 'ed25519', 'public': PEM}}")
+    for keyid in doc.raw:
+        entry = doc.sub(keyid).only(("keytype", "public"))
+        if entry.text("keytype") != "ed25519":
+            raise FormatError(f"{what}: key {keyid[:16]} must be of keytype 'ed25519', "
+                              f"found {entry.text('keytype')[:80]!r}")
         try:
-            key = load_public_key(entry["public"].encode(), f"{what} key {keyid[:16]}")
+            key = load_public_key(entry.text("public").encode(), f"{what} key {keyid[:16]}")
         except KeyFileError as exc:
             raise FormatError(exc.message) from exc
         if key_id(key) != keyid:
@@ -161,18 +162,15 @@ def _parse_keys(raw: object, limits: Limits, what: str) -> dict[str, Ed25519Publ
     return keys
 
 
-def _parse_role(raw: object, keys: Mapping[str, Ed25519PublicKey], what: str) -> Role:
-    if not isinstance(raw, dict) or not isinstance(raw.get("keyids"), list):
-        raise FormatError(f"{what}: expected {{'keyids': [...], 'threshold': n}}")
-    keyids: list[Any] = raw["keyids"]
-    if len(set(map(str, keyids))) != len(keyids):
+def _parse_role(doc: Fields, keys: Mapping[str, Ed25519PublicKey], limits: Limits, what: str) -> Role:
+    doc.only(("keyids", "threshold"))
+    keyids = doc.texts("keyids", limit=limits.max_signatures)
+    if len(set(keyids)) != len(keyids):
         raise FormatError(f"{what}: a key is listed twice")
     unknown = [k for k in keyids if k not in keys]
     if unknown:
-        raise FormatError(f"{what}: names key {str(unknown[0])[:16]} that the root does not define")
-    threshold = raw.get("threshold")
-    if not isinstance(threshold, int) or isinstance(threshold, bool):
-        raise FormatError(f"{what}: threshold must be an integer, found {threshold!r}")
+        raise FormatError(f"{what}: names key {unknown[0][:16]} that the root does not define")
+    threshold = doc.num("threshold")
     try:
         _check_role_size(what, len(keyids), threshold)
     except TrustError as exc:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from airgap.errors import FormatError, KeyFileError, SignatureError
 from airgap.format import strictjson
+from airgap.format.fields import Fields
 
 # The key types, named here so that no module outside this package imports cryptography.
 PrivateKey = Ed25519PrivateKey
@@ -240,23 +241,22 @@ def parse_envelope(data: bytes, payload_type: str, max_bytes: int, max_signature
     if len(data) > max_bytes:
         raise FormatError(f"{what} too large: limit {max_bytes} bytes, found {len(data)}")
     raw = strictjson.loads(data, f"{what} (a DSSE signature envelope)")
-    if not isinstance(raw, dict) or not isinstance(raw.get("signatures"), list):
-        raise FormatError(f"{what}: expected a DSSE envelope with payloadType, payload and signatures")
-    if raw.get("payloadType") != payload_type:
-        raise FormatError(f"{what}: expected payloadType {payload_type!r}, found {raw.get('payloadType')!r}")
-    if len(raw["signatures"]) > max_signatures:
-        raise FormatError(f"{what}: limit {max_signatures} signatures, found {len(raw['signatures'])}")
-    signatures = tuple(_envelope_signature(item, what) for item in raw["signatures"])
-    return Envelope(payload_type, _b64(raw.get("payload"), f"{what} payload"), signatures)
+    doc = Fields(raw, f"{what} (a DSSE envelope with payloadType, payload and signatures)")
+    doc.only(("payloadType", "payload", "signatures"))
+    if doc.raw.get("payloadType") != payload_type:
+        raise FormatError(f"{what}: expected payloadType {payload_type!r}, found {doc.raw.get('payloadType')!r}")
+    items = doc.objects("signatures", limit=max_signatures)
+    if "signatures" not in doc.raw:
+        raise doc.refuse("signatures", "a list", None)
+    signatures = tuple(_envelope_signature(item, what) for item in items)
+    return Envelope(payload_type, _b64(doc.raw.get("payload"), f"{what} payload"), signatures)
 
 
-def _envelope_signature(item: object, what: str) -> Signature:
-    if not isinstance(item, dict) or not isinstance(item.get("keyid"), str):
-        raise FormatError(f"{what}: each signature needs a keyid and a sig")
-    keyid = item["keyid"]
+def _envelope_signature(item: Fields, what: str) -> Signature:
+    keyid = item.only(("keyid", "sig")).text("keyid")
     if not re.fullmatch(r"[0-9a-f]{64}", keyid):
         raise FormatError(f"{what}: key id must be 64 lowercase hex digits, found {keyid[:80]!r}")
-    value = _b64(item.get("sig"), f"{what} signature")
+    value = _b64(item.raw.get("sig"), f"{what} signature")
     if len(value) != 64:
         raise FormatError(f"{what}: an Ed25519 signature has 64 bytes, found {len(value)}")
     return Signature(keyid=keyid, value=value)
