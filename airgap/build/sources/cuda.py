@@ -37,6 +37,7 @@ from airgap.build.sources.engine import (
     EngineFile,
     _extract_vendor,
     _offline_prefix,
+    build_lock,
     builder_target,
     read_elf,
 )
@@ -271,6 +272,17 @@ def build_cuda(sdist: Path, toolkit: Toolkit, *, version: str, sdist_sha256: str
     found = cached_cuda(cache_dir, key)
     if found is not None:
         return found
+    with build_lock(cache_dir, key):
+        # another process may have finished this very build while this one waited for the lock
+        found = cached_cuda(cache_dir, key)
+        if found is not None:
+            return found
+        return _build_cuda(sdist, toolkit, key, version=version, sdist_sha256=sdist_sha256,
+                           architectures=architectures, cache_dir=cache_dir, progress=progress)
+
+
+def _build_cuda(sdist: Path, toolkit: Toolkit, key: str, *, version: str, sdist_sha256: str,
+                architectures: Sequence[str], cache_dir: Path, progress: bool) -> BuiltCuda:
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
             raise ResolveError(f"expected {tool} on PATH to build the CUDA backend, found none")

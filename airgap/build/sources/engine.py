@@ -18,6 +18,8 @@ Things the build takes care of (each checked after the build, the build fails ot
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +136,22 @@ def cached_engine(cache_dir: Path, key: str) -> BuiltEngine | None:
     return BuiltEngine(folder / "files", tuple(files), key, record, cached=True)
 
 
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, key: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<cache>/<key>.lock`: builds of one key share `.work-<key>`, so they take turns.
+
+    The lock is released by the kernel when the process dies, so a crashed build never leaves it held.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{key}.lock"
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def build_engine(
     sdist: Path, *, version: str, sdist_sha256: str, cache_dir: Path, progress: bool = True
 ) -> BuiltEngine:
@@ -142,6 +160,18 @@ def build_engine(
     found = cached_engine(cache_dir, key)
     if found is not None:
         return found
+    with build_lock(cache_dir, key):
+        # another process may have finished this very build while this one waited for the lock
+        found = cached_engine(cache_dir, key)
+        if found is not None:
+            return found
+        return _build_engine(sdist, key, version=version, sdist_sha256=sdist_sha256, cache_dir=cache_dir,
+                             progress=progress)
+
+
+def _build_engine(
+    sdist: Path, key: str, *, version: str, sdist_sha256: str, cache_dir: Path, progress: bool
+) -> BuiltEngine:
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
             raise ResolveError(f"expected {tool} on PATH to build llama-server, found none")
