@@ -36,9 +36,9 @@ from airgap.build.sources.engine import (
     CMAKE_DEFINES,
     EngineFile,
     _extract_vendor,
-    _offline_prefix,
     build_lock,
     builder_target,
+    offline_prefix,
     read_elf,
 )
 from airgap.build.sources.wheels import Pin, Pip
@@ -340,7 +340,7 @@ def toolkit_defines(toolkit: Toolkit) -> dict[str, str]:
 
 
 def _compile(source: Path, build: Path, toolkit: Toolkit, architectures: Sequence[str], progress: bool) -> bool:
-    prefix, offline = _offline_prefix()
+    prefix, offline = offline_prefix()
     defines = {**CMAKE_DEFINES, **cuda_defines(architectures), **toolkit_defines(toolkit)}
     dropped = {"CFLAGS", "CXXFLAGS", "LDFLAGS", "CMAKE_ARGS", "CUDA_PATH", "CUDA_HOME", "CUDAToolkit_ROOT",
                "CUDACXX", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"}

@@ -39,8 +39,10 @@ from airgap.errors import ResolveError
 from airgap.streams.pipeline import digest_file
 
 ENGINE_BINARY = "llama-server"
+# Built beside the server for the builder's own use (converting safetensors at build time); never packed.
+QUANTIZE_BINARY = "llama-quantize"
 BUILD_RECORD = "engine.json"
-LAYOUT_VERSION = 1  # bump when what is copied out of a finished compile changes
+LAYOUT_VERSION = 2  # bump when what is copied out of a finished compile changes
 
 # Every x86-64 CPU variant of the vendored ggml except sapphirerapids (see the module docstring).
 CPU_VARIANTS = (
@@ -91,6 +93,15 @@ class BuiltEngine:
     cache_key: str
     record: Mapping[str, object]  # what shaped it: sdist, flags, variants, glibc floor, seconds
     cached: bool
+    # tools/ of the cache entry: llama-quantize, with links to the libraries in files/ ($ORIGIN finds them)
+    tools: Path | None = None
+
+    @property
+    def quantize(self) -> Path:
+        if self.tools is None or not (self.tools / QUANTIZE_BINARY).is_file():
+            raise ResolveError(f"expected {QUANTIZE_BINARY} in the engine cache entry {self.folder.parent}, "
+                               "found none")
+        return self.tools / QUANTIZE_BINARY
 
 
 def default_cache_dir() -> Path:
@@ -122,6 +133,7 @@ def cached_engine(cache_dir: Path, key: str) -> BuiltEngine | None:
     try:
         record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
         recorded = dict(record["files"])
+        tools = dict(record.get("tools", {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     files = []
@@ -133,7 +145,15 @@ def cached_engine(cache_dir: Path, key: str) -> BuiltEngine | None:
         if digest.sha256 != sha256:
             raise ResolveError(f"expected cached {path} with sha256 {sha256}, found {digest.sha256}")
         files.append(EngineFile(name, path, digest.sha256, digest.size))
-    return BuiltEngine(folder / "files", tuple(files), key, record, cached=True)
+    for name, sha256 in sorted(tools.items()):
+        path = folder / "tools" / name
+        if not path.is_file():
+            return None
+        found = digest_file(path).sha256
+        if found != sha256:
+            raise ResolveError(f"expected cached {path} with sha256 {sha256}, found {found}")
+    return BuiltEngine(folder / "files", tuple(files), key, record, cached=True,
+                       tools=folder / "tools" if tools else None)
 
 
 @contextlib.contextmanager
@@ -190,6 +210,7 @@ def _build_engine(
         entry = Path(staging) / "entry"
         (entry / "files").mkdir(parents=True)
         names = _collect(work / "build" / "bin", entry / "files")
+        tools = _collect_tools(work / "build" / "bin", entry, names)
         floor = glibc_floor([entry / "files" / n for n in names])
         record = {
             "project": "llama-server",
@@ -203,6 +224,7 @@ def _build_engine(
             "built_offline": offline,
             "seconds": round(seconds, 1),
             "files": {n: digest_file(entry / "files" / n).sha256 for n in names},
+            "tools": {n: digest_file(entry / "tools" / n).sha256 for n in tools},
         }
         (entry / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         final = cache_dir / key
@@ -216,7 +238,7 @@ def _build_engine(
     built = cached_engine(cache_dir, key)
     if built is None:
         raise ResolveError(f"expected a built engine in {cache_dir / key}, found none")
-    return BuiltEngine(built.folder, built.files, key, built.record, cached=False)
+    return BuiltEngine(built.folder, built.files, key, built.record, cached=False, tools=built.tools)
 
 
 def _extract_vendor(sdist: Path, into: Path) -> Path:
@@ -245,7 +267,7 @@ def _extract_vendor(sdist: Path, into: Path) -> Path:
     return into
 
 
-def _offline_prefix() -> tuple[list[str], bool]:
+def offline_prefix() -> tuple[list[str], bool]:
     """As root, run in a new network namespace with no interface: the build cannot reach anything."""
     if os.geteuid() == 0 and shutil.which("unshare") is not None:
         return ["unshare", "-n"], True
@@ -253,10 +275,10 @@ def _offline_prefix() -> tuple[list[str], bool]:
 
 
 def _compile(source: Path, build: Path, progress: bool) -> bool:
-    prefix, offline = _offline_prefix()
+    prefix, offline = offline_prefix()
     defines = [f"-D{k}={v}" for k, v in CMAKE_DEFINES.items()]
     env = {k: v for k, v in os.environ.items() if k not in {"CFLAGS", "CXXFLAGS", "LDFLAGS", "CMAKE_ARGS"}}
-    targets = [ENGINE_BINARY, *(f"ggml-cpu-{v}" for v in CPU_VARIANTS)]
+    targets = [ENGINE_BINARY, QUANTIZE_BINARY, *(f"ggml-cpu-{v}" for v in CPU_VARIANTS)]
     steps = [
         [*prefix, "cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *defines],
         [*prefix, "cmake", "--build", str(build), "-j", _JOBS, "--target", *targets],
@@ -295,6 +317,34 @@ def _collect(bin_dir: Path, into: Path) -> list[str]:
         leftover = [n for n in read_elf(into / name).needed if n not in _HOST_LIBRARIES and n not in copied]
         if leftover:
             raise ResolveError(f"expected {name} to need only glibc and carried libraries, it needs {leftover}")
+    return sorted(copied)
+
+
+def _collect_tools(bin_dir: Path, entry: Path, engine_files: Sequence[str]) -> list[str]:
+    """Copy llama-quantize and the libraries only it needs into `entry/tools`; link the engine's libraries beside it.
+
+    Returns the names copied (the ones the build record hashes); `$ORIGIN` finds both kinds at run time.
+    """
+    tools = entry / "tools"
+    tools.mkdir()
+    wanted, copied = [QUANTIZE_BINARY], []
+    while wanted:
+        name = wanted.pop()
+        if name in copied or name in engine_files:
+            continue
+        found = bin_dir / name
+        if not found.exists():
+            raise ResolveError(f"expected {name} in the llama-server build output {bin_dir}, found none")
+        shutil.copyfile(found.resolve(), tools / name)
+        copied.append(name)
+        elf = read_elf(tools / name)
+        if elf.runpath != "$ORIGIN":
+            raise ResolveError(f"expected RUNPATH exactly $ORIGIN in {name}, found {elf.runpath!r}")
+        wanted += [n for n in elf.needed if n not in _HOST_LIBRARIES]
+    (tools / QUANTIZE_BINARY).chmod(0o755)
+    for name in engine_files:
+        if name != ENGINE_BINARY:
+            (tools / name).symlink_to(Path("..") / "files" / name)
     return sorted(copied)
 
 

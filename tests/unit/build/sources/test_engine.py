@@ -105,6 +105,13 @@ def test_the_real_build_is_portable_offline_and_cached(llama_sdist: Path, tmp_pa
                                 cache_dir=engine.default_cache_dir(), progress=False)
     assert again.cached and again.files == built.files
 
+    # llama-quantize, for converting models at build time, is kept beside the engine but never packed
+    assert "llama-quantize" not in names
+    assert sorted(built.record["tools"]) == ["libllama-quantize-impl.so", "llama-quantize"]  # type: ignore[call-overload]
+    usage = subprocess.run([str(again.quantize)], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                           check=False, env={"PATH": os.defpath})
+    assert "model-f32.gguf [model-quant.gguf] type" in usage.stdout + usage.stderr, usage.stderr[-2000:]
+
     # a cached file changed afterwards is refused, naming it
     copy = tmp_path / "cache"
     shutil.copytree(built.folder.parent, copy / built.cache_key)
