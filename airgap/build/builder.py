@@ -43,6 +43,7 @@ class BuildOptions:
     hub_cache: Path | None = None
     wheel_cache: Path | None = None
     engine_cache: Path | None = None  # where compiled llama-server builds are kept (~/.cache/airgap/engine)
+    convert_cache: Path | None = None  # where converted models are kept (~/.cache/airgap/converted)
     base: Path | None = None  # build an update drop on top of this bundle
     roots: tuple[Path, ...] = ()  # root files (one unbroken chain) the bundle carries
     expires_days: int | None = None  # overrides the spec's bundle.expires_days
@@ -86,9 +87,10 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
     _check_release_keys(signers, roots)
     with scratch_dir(options.out_dir) as tmp:
         work = Path(tmp)
-        models, model_files, model_licenses = _collect_models(spec, options)
         wheels = _collect_wheels(spec, options, work / "wheels")
-        engine = _collect_engine(spec, wheels, options, cuda=cuda)
+        llama = _llama_sdist(spec, wheels, options)
+        engine = _collect_engine(spec, wheels, llama, options, cuda=cuda)
+        models, model_files, model_licenses = _collect_models(spec, options, llama)
         bootstrap = _bootstrap_requirements(spec, wheels, work)
         # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
         raw_paths = {bootstrap.entry.path, *(f"wheels/{w.filename}" for w in wheels if w.name in bootstrap.packages)}
@@ -125,6 +127,11 @@ def _check_build_extra(spec: Spec) -> None:
     needed = {"gguf": "reading the models' GGUF metadata"} if spec.models else {}
     if any(model.repo is not None for model in spec.models):
         needed["huggingface_hub"] = "fetching models from the Hugging Face hub"
+    converted = next((model for model in spec.models if model.quantize is not None), None)
+    if converted is not None:
+        from airgap.build.sources.convert import check_converter_installed
+
+        check_converter_installed(converted.id)
     missing = [f"{module} (for {why})" for module, why in needed.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise MissingDependencyError(
@@ -171,23 +178,40 @@ def _check_release_keys(signers: Sequence[PrivateKey], roots: Sequence[Root]) ->
                             f"{roots[-1].version}; its release keys are {', '.join(k[:16] for k in sorted(allowed))}")
 
 
+@dataclass(frozen=True)
+class FetchedFile:
+    """One model file ready to pack: its local copy, its name in the bundle and where it came from."""
+
+    local: Path
+    name: str
+    source: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LlamaSdist:
+    """The pinned llama-cpp-python sdist that llama-server, its tools and the converter all come from."""
+
+    pin: Pin
+    pip: Pip
+
+
 def _collect_models(
-    spec: Spec, options: BuildOptions
+    spec: Spec, options: BuildOptions, llama: LlamaSdist | None
 ) -> tuple[list[ModelEntry], list[tuple[Path, DraftFile]], dict[str, Any]]:
     models: list[ModelEntry] = []
     files: list[tuple[Path, DraftFile]] = []
     licenses: dict[str, Any] = {}
     for model in spec.models:
-        fetched = _fetch_model(model, options)
-        card = _card_license(model, fetched[0][2], options) if fetched else None
+        fetched = _fetch_model(model, options, llama)
+        card = _card_license(model, fetched[0].source, options) if fetched else None
         if card is not None:
             licenses[model.id] = card
         paths = []
-        for local, name, source in fetched:
-            path = f"models/{model.id}/{name}"
-            files.append((local, DraftFile(path=path, size=0, kind="model", source=source)))
+        for file in fetched:
+            path = f"models/{model.id}/{file.name}"
+            files.append((file.local, DraftFile(path=path, size=0, kind="model", source=file.source)))
             paths.append(path)
-        gguf_files = [local for local, name, _ in fetched if name.endswith(".gguf")]
+        gguf_files = [file.local for file in fetched if file.name.endswith(".gguf")]
         metadata = _gguf_metadata(gguf_files[0]) if gguf_files else {}
         models.append(ModelEntry(id=model.id, files=tuple(paths), gguf=check_gguf(model.id, metadata),
                                  embedding=model.embedding))
@@ -196,7 +220,7 @@ def _collect_models(
 
 def _card_license(model: ModelSpec, source: dict[str, str], options: BuildOptions) -> Any:
     """The licence the hub repository's card states at the pinned commit (None for local files or no card)."""
-    if source.get("type") != "hub":
+    if source.get("type") not in {"hub", "converted"}:
         return None
     from airgap.build.sources.hf import fetch_card_metadata
     from airgap.build.sources.sbom import ModelLicense
@@ -218,9 +242,11 @@ def _gguf_metadata(path: Path) -> dict[str, object]:
     return dict(read_gguf_metadata(path))
 
 
-def _fetch_model(model: ModelSpec, options: BuildOptions) -> list[tuple[Path, str, dict[str, str]]]:
+def _fetch_model(model: ModelSpec, options: BuildOptions, llama: LlamaSdist | None) -> list[FetchedFile]:
     if model.path is not None:
-        return [(model.path, model.path.name, {"type": "local", "path": str(model.path)})]
+        return [FetchedFile(model.path, model.path.name, {"type": "local", "path": str(model.path)})]
+    if model.quantize is not None:
+        return [_convert_model(model, options, llama)]
     from airgap.build.sources.hf import fetch_hub_files
 
     assert model.repo is not None
@@ -228,8 +254,44 @@ def _fetch_model(model: ModelSpec, options: BuildOptions) -> list[tuple[Path, st
         model.repo, model.revision, model.files or None, model.allow_patterns or None,
         cache_dir=options.hub_cache, endpoint=options.hub_endpoint, progress=options.progress,
     )
-    return [(f.path, f.filename.replace("/", "-"), {"type": "hub", "repo": f.repo, "commit": f.commit,
-                                                      "file": f.filename}) for f in hub_files]
+    return [FetchedFile(f.path, f.filename.replace("/", "-"), {"type": "hub", "repo": f.repo, "commit": f.commit,
+                                                                "file": f.filename}) for f in hub_files]
+
+
+def _convert_model(model: ModelSpec, options: BuildOptions, llama: LlamaSdist | None) -> FetchedFile:
+    """Fetch the repo's safetensors, config and tokenizer, and convert them with the pinned llama.cpp's tools."""
+    from airgap.build.sources import convert
+    from airgap.build.sources.engine import default_cache_dir, engine_for
+    from airgap.build.sources.hf import fetch_hub_files, list_hub_files
+
+    assert model.repo is not None and model.quantize is not None
+    if llama is None:
+        raise SpecError(f"model {model.id!r}: quantize converts with the llama.cpp of the llama-cpp-python sdist; "
+                        "expected the requirements to build llama-cpp-python from source, found none built")
+    commit, listing = list_hub_files(model.repo, model.revision, endpoint=options.hub_endpoint)
+    names = convert.files_to_fetch(model.repo, commit, listing)
+    hub_files = fetch_hub_files(model.repo, commit, names, None, cache_dir=options.hub_cache,
+                                endpoint=options.hub_endpoint, progress=options.progress)
+    sources = [convert.SourceFile(f.filename, f.path, f.sha256) for f in hub_files]
+    engine = engine_for(llama.pin, llama.pip, cache_dir=options.engine_cache or default_cache_dir(),
+                        progress=options.progress)
+    tool = engine.quantize
+    quantizer = convert.Quantizer(sdist_name=llama.pin.filename, sdist_sha256=llama.pin.sha256,
+                                  fetch_sdist=lambda into: llama.pip.download_sdist(llama.pin, into),
+                                  quantize=tool, quantize_sha256=digest_file(tool).sha256)
+    done = convert.convert(sources, model_name=model.id, quantization=model.quantize, quantizer=quantizer,
+                           cache_dir=options.convert_cache or convert.default_cache_dir(), progress=options.progress)
+    versions = done.record.get("versions", {})
+    assert isinstance(versions, dict)
+    source = {
+        "type": "converted", "repo": model.repo, "commit": commit,
+        "files": " ".join(s.name for s in sources), "sources_sha256": convert.sources_digest(sources),
+        "converter": str(done.record["converter"]), "sdist_sha256": llama.pin.sha256,
+        "quantizer": str(done.record["quantizer"]), "quantize_sha256": quantizer.quantize_sha256,
+        "quantization": model.quantize, "torch": str(versions.get("torch", "")),
+        "transformers": str(versions.get("transformers", "")), "cache_key": done.cache_key,
+    }
+    return FetchedFile(done.path, done.path.name, source)
 
 
 def _collect_wheels(spec: Spec, options: BuildOptions, dest: Path) -> list[ResolvedWheel]:
@@ -257,34 +319,45 @@ def _can_pack_cuda(spec: Spec) -> bool:
     return spec.engine is not False and "llama-cpp-python" in names
 
 
+def _llama_sdist(spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions) -> LlamaSdist | None:
+    """The sdist llama-cpp-python was built from, when the requirements build it from source."""
+    llama = next((w for w in wheels if w.name == "llama-cpp-python"), None)
+    if llama is None or llama.source.get("type") != "built":
+        return None
+    from airgap.build.sources.wheels import Pin, Pip
+
+    return LlamaSdist(
+        pin=Pin(name=llama.name, version=llama.version, filename=llama.source["from"],
+                sha256=llama.source["sdist_sha256"], url=llama.source.get("sdist_url", "")),
+        pip=Pip(find_links=spec.python.find_links, index_url=spec.python.index_url, progress=options.progress),
+    )
+
+
 def _collect_engine(
-    spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions, *, cuda: bool
+    spec: Spec, wheels: list[ResolvedWheel], llama: LlamaSdist | None, options: BuildOptions, *, cuda: bool
 ) -> list[tuple[Path, DraftFile]]:
     """llama-server from the same sdist llama-cpp-python was built from, when the spec pulls that in; with
     `cuda`, the CUDA ggml backend of that sdist beside it."""
     if spec.engine is False:
         return []
-    llama = next((w for w in wheels if w.name == "llama-cpp-python"), None)
-    if llama is None or llama.source.get("type") != "built":
+    if llama is None:
         if spec.engine or cuda:
-            found = "no llama-cpp-python" if llama is None else f"llama-cpp-python from {llama.source.get('type')}"
+            wheel = next((w for w in wheels if w.name == "llama-cpp-python"), None)
+            found = "no llama-cpp-python" if wheel is None else f"llama-cpp-python from {wheel.source.get('type')}"
             asked = ("engine.llama_server = true" if spec.engine else "engine.cuda = true" if spec.cuda
                      else "the target's CUDA engine")
             raise SpecError(f"{spec.path}: {asked} builds llama-server from the "
                             f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
         return []
     from airgap.build.sources.engine import default_cache_dir, engine_for, manifest_source
-    from airgap.build.sources.wheels import Pin, Pip
 
-    sdist = Pin(name=llama.name, version=llama.version, filename=llama.source["from"],
-                sha256=llama.source["sdist_sha256"], url=llama.source.get("sdist_url", ""))
-    pip = Pip(find_links=spec.python.find_links, index_url=spec.python.index_url, progress=options.progress)
-    built = engine_for(sdist, pip, cache_dir=options.engine_cache or default_cache_dir(), progress=options.progress)
+    built = engine_for(llama.pin, llama.pip, cache_dir=options.engine_cache or default_cache_dir(),
+                       progress=options.progress)
     source = manifest_source(built)
     files = [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                 source=source)) for f in built.files]
     if cuda:
-        files += _collect_cuda(sdist, pip, built.files, options, spec.cuda_architectures)
+        files += _collect_cuda(llama.pin, llama.pip, built.files, options, spec.cuda_architectures)
     return files
 
 

@@ -174,6 +174,9 @@ def _size_model(model: ModelSpec, host: HostInfo, engine: EngineChoice, hub: Hub
         return model, check(model.id, read_gguf_metadata(model.path), own, (), host, gpu_offload=gpu)
     assert model.repo is not None
     commit, sizes = hub.listing(model.repo, model.revision)
+    if model.quantize is not None:  # its GGUF exists only once converted: nothing to read a size from yet
+        return replace(model, revision=commit), Sized(
+            Candidate((), 0), f"model {model.id}: converted to {model.quantize} at build time; not sized before")
     every = [Candidate((name,), size) for name, size in sorted(sizes.items()) if name.endswith(".gguf")]
     pattern = _pattern(model)
     if pattern is not None:

@@ -12,6 +12,10 @@ from airgap.errors import FormatError, SpecError
 from airgap.format.manifest import check_name, check_version
 
 DEFAULT_EXPIRES_DAYS = 180
+# `quantize =`: what llama-quantize makes without an importance matrix (the IQ types and the 1- and 2-bit ones
+# need one); F32, F16 and BF16 are written by the converter itself
+QUANTIZATIONS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+                 "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class ModelSpec:
     files: tuple[str, ...] = ()
     allow_patterns: tuple[str, ...] = ()
     embedding: bool = False  # served on /v1/embeddings instead of chat
+    quantize: str | None = None  # convert the repo's safetensors to GGUF at build time, at this quantization
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,8 @@ def _model(raw: object, base: Path, path: Path) -> ModelSpec:
     embedding = raw.get("embedding", False)
     if not isinstance(embedding, bool):
         raise SpecError(f"{path}: model {model_id!r}: 'embedding' must be true or false, found {embedding!r}")
+    if "quantize" in raw:
+        return _converted(raw, model_id, embedding, path)
     if "path" in raw:
         local = (base / _str(raw, "path", path)).resolve()
         if not local.is_file():
@@ -153,6 +160,23 @@ def _model(raw: object, base: Path, path: Path) -> ModelSpec:
         raise SpecError(f"{path}: model {model_id!r} from a repo needs 'file', 'files' or 'allow_patterns'")
     return ModelSpec(id=model_id, repo=_str(raw, "repo", path), revision=str(raw.get("revision", "main")),
                      files=files, allow_patterns=patterns, embedding=embedding)
+
+
+def _converted(raw: dict[str, Any], model_id: str, embedding: bool, path: Path) -> ModelSpec:
+    """A hub repo of safetensors weights, converted to GGUF at build time (`quantize = "Q4_K_M"`)."""
+    quantize = _str(raw, "quantize", path)
+    if "path" in raw:
+        raise SpecError(f"{path}: model {model_id!r}: quantize converts a hub repo's safetensors weights; "
+                        "expected 'repo', found 'path'")
+    chosen = [key for key in ("file", "files", "allow_patterns") if key in raw]
+    if chosen:
+        raise SpecError(f"{path}: model {model_id!r}: quantize fetches the repo's weights, config and tokenizer "
+                        f"itself; expected no {' or '.join(chosen)}")
+    if quantize not in QUANTIZATIONS:
+        raise SpecError(f"{path}: model {model_id!r}: quantize must be one of {', '.join(QUANTIZATIONS)} (the "
+                        f"types llama-quantize makes without an importance matrix), found {quantize!r}")
+    return ModelSpec(id=model_id, repo=_str(raw, "repo", path), revision=str(raw.get("revision", "main")),
+                     embedding=embedding, quantize=quantize)
 
 
 def _python(raw: object, base: Path, path: Path) -> PythonSpec:

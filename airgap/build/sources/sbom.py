@@ -212,7 +212,7 @@ def _model_component(model: Any, manifest: Manifest, facts: SbomFacts) -> Any:
     from packageurl import PackageURL
 
     entries: Sequence[FileEntry] = [manifest.file(p) for p in model.files]
-    hub = next((e.source for e in entries if e.source.get("type") == "hub"), None)
+    hub = next((e.source for e in entries if e.source.get("type") in {"hub", "converted"}), None)
     purl = None
     if hub is not None and "/" in hub.get("repo", ""):
         namespace, _, name = hub["repo"].partition("/")
@@ -231,7 +231,9 @@ def _model_component(model: Any, manifest: Manifest, facts: SbomFacts) -> Any:
         licenses=licenses, components=files,
         properties=_properties({"hub:repo": hub.get("repo") if hub else None,
                                 "hub:commit": hub.get("commit") if hub else None,
-                                "license:source": "model card" if card_license else None}),
+                                "license:source": "model card" if card_license else None,
+                                "converted:quantization": hub.get("quantization") if hub else None,
+                                "converted:converter": hub.get("converter") if hub else None}),
     )
 
 
