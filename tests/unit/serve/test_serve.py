@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -141,9 +142,10 @@ NO_GPU_HOST = dataclasses.replace(GPU_HOST, gpus=(), driver_version=None)
 
 
 def with_engine(install: support.TestInstall, *libraries: str) -> Installation:
-    """The installed version as if its bundle carried llama-server and these engine libraries (manifest only)."""
+    """The installed version as if its bundle carried llama-server and these engine libraries (manifest only:
+    each entry describes a one-byte file, with that byte's real hash)."""
     real = read_installation(install.prefix)
-    extra = tuple(FileEntry(path=f"engine/{name}", size=1, sha256="0" * 64, kind="engine")
+    extra = tuple(FileEntry(path=f"engine/{name}", size=1, sha256=hashlib.sha256(b"\x7f").hexdigest(), kind="engine")
                   for name in ("llama-server", *libraries))
     return dataclasses.replace(real, manifest=dataclasses.replace(real.manifest, files=(*real.manifest.files, *extra)))
 
