@@ -162,6 +162,9 @@ def _sbom_file(
 def _check_no_open_choice(spec: Spec) -> None:
     """`file = "auto"` or a glob picks one quantization for a target host; without one there is nothing to size."""
     for model in spec.models:
+        if model.quantize == "auto":
+            raise SpecError(f"model {model.id!r}: quantize = 'auto' picks the largest quantization that fits a target "
+                            "host; pass --target PROBE.json (written by `airgap probe` on that host)")
         if len(model.files) == 1 and (model.files[0] == "auto" or any(c in model.files[0] for c in "*?[")):
             raise SpecError(f"model {model.id!r}: file = {model.files[0]!r} picks the largest quantization that fits a "
                             "target host; pass --target PROBE.json (written by `airgap probe` on that host)")

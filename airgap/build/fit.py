@@ -9,13 +9,17 @@ quantization of the same repository that would. Sizes in messages are decimal GB
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from airgap.build.spec import QUANTIZATIONS as CONVERTIBLE
 from airgap.build.spec import ModelSpec, Spec
 from airgap.errors import FitError, FormatError, SpecError
+from airgap.format import strictjson
+from airgap.format.fields import Fields
 from airgap.hardware.facts import HostFacts, HostInfo, host_info
 from airgap.hardware.sizing import MIN_CONTEXT, ModelShape, shortfall
 from airgap.hardware.target import EngineChoice, choose_engine, target_record
@@ -79,15 +83,22 @@ def choose(model_id: str, gguf: Mapping[str, Any], candidates: Sequence[Candidat
 
 
 def check(model_id: str, gguf: Mapping[str, Any], fixed: Candidate, alternatives: Sequence[Candidate],
-          host: HostInfo, *, gpu_offload: bool) -> Sized:
-    """The spec's own file, if it fits; else FitError naming the shortfall and the largest alternative that fits."""
+          host: HostInfo, *, gpu_offload: bool, converted: bool = False) -> Sized:
+    """The spec's own file, if it fits; else FitError naming the shortfall and the largest alternative that fits.
+
+    `converted`: the candidates are quantizations `build` would make (`quantize =`), not files of the repo."""
     missing = _shortfall(model_id, gguf, fixed, host, gpu_offload)
     if missing == 0:
         return Sized(fixed, f"model {model_id}: {fixed.describe()} fits {_memory(host, gpu_offload)}")
     fitting = [c for c in sorted(alternatives, key=lambda c: -c.size)
                if c.files != fixed.files and _shortfall(model_id, gguf, c, host, gpu_offload) == 0]
-    advice = (f"the largest quantization that would fit is {fitting[0].describe()}: name {fitting[0].files[0]!r}"
-              f" or file = \"{AUTO}\" in the spec" if fitting else "no other quantization in its repository fits")
+    if converted:
+        advice = (f"the largest quantization that would fit is {fitting[0].describe()}: quantize = "
+                  f"\"{fitting[0].label}\" or \"{AUTO}\" in the spec" if fitting else "no smaller quantization fits")
+    else:
+        advice = (f"the largest quantization that would fit is {fitting[0].describe()}: name "
+                  f"{fitting[0].files[0]!r} or file = \"{AUTO}\" in the spec" if fitting
+                  else "no other quantization in its repository fits")
     raise FitError(
         f"model {model_id!r} does not fit the target host even at {MIN_CONTEXT} tokens of context: "
         f"{fixed.describe()} needs {_gb(missing)} more than {_memory(host, gpu_offload)}; {advice}; "
@@ -174,9 +185,8 @@ def _size_model(model: ModelSpec, host: HostInfo, engine: EngineChoice, hub: Hub
         return model, check(model.id, read_gguf_metadata(model.path), own, (), host, gpu_offload=gpu)
     assert model.repo is not None
     commit, sizes = hub.listing(model.repo, model.revision)
-    if model.quantize is not None:  # its GGUF exists only once converted: nothing to read a size from yet
-        return replace(model, revision=commit), Sized(
-            Candidate((), 0), f"model {model.id}: converted to {model.quantize} at build time; not sized before")
+    if model.quantize is not None:
+        return size_converted(model, commit, sizes, host, gpu, hub)
     every = [Candidate((name,), size) for name, size in sorted(sizes.items()) if name.endswith(".gguf")]
     pattern = _pattern(model)
     if pattern is not None:
@@ -196,6 +206,95 @@ def _size_model(model: ModelSpec, host: HostInfo, engine: EngineChoice, hub: Hub
     fixed = Candidate(tuple(named), sum(sizes[n] for n in named))
     gguf = _read_header(model, commit, Candidate((named[0],), sizes[named[0]]), hub)
     return replace(model, revision=commit), check(model.id, gguf, fixed, every, host, gpu_offload=gpu)
+
+
+# llama.cpp's own sizes for each quantization of Llama-3-8B (8 030 261 248 parameters), in GiB, from
+# tools/quantize/quantize.cpp of the pinned sdist; a converted model's size is estimated from them by its
+# parameter count. F16, BF16 and F32 are exact (2, 2 and 4 bytes per parameter).
+_LLAMA3_8B_PARAMETERS = 8_030_261_248
+_LLAMA3_8B_GIB = {"Q8_0": 7.96, "Q6_K": 6.14, "Q5_K_M": 5.33, "Q5_K_S": 5.21, "Q5_1": 5.65, "Q5_0": 5.21,
+                  "Q4_K_M": 4.58, "Q4_K_S": 4.37, "Q4_1": 4.78, "Q4_0": 4.34, "Q3_K_L": 4.03, "Q3_K_M": 3.74,
+                  "Q3_K_S": 3.41}
+_EXACT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+_SAFETENSORS_HEADER_LIMIT = 100 << 20
+
+
+def estimated_size(parameters: int, quantization: str) -> int:
+    """The GGUF size of a model of `parameters` weights at `quantization` (estimated for the quantized types)."""
+    if quantization in _EXACT_BYTES:
+        return parameters * _EXACT_BYTES[quantization]
+    return int(parameters * _LLAMA3_8B_GIB[quantization] * (1 << 30) / _LLAMA3_8B_PARAMETERS)
+
+
+def shape_from_config(model_id: str, config: Mapping[str, Any], parameters: int) -> dict[str, object]:
+    """The GGUF fields the fit reads, from a Hugging Face config.json (its text model's, for a multimodal one)."""
+    text = config.get("text_config")
+    doc = Fields(text if isinstance(text, dict) and "num_hidden_layers" in text else config,
+                 f"config.json of model {model_id!r}", error=FitError)
+    heads = doc.positive("num_attention_heads")
+    shape: dict[str, object] = {
+        "architecture": doc.optional_text("model_type", longest=100) or "unknown",
+        "block_count": doc.positive("num_hidden_layers"), "embedding_length": doc.positive("hidden_size"),
+        "head_count": heads, "head_count_kv": doc.count("num_key_value_heads", heads),
+        "context_length": doc.count("max_position_embeddings", 0), "vocab_size": doc.count("vocab_size", 0),
+        "parameter_count": parameters,
+    }
+    head_dim = doc.optional_num("head_dim")
+    if head_dim:
+        shape["key_length"] = shape["value_length"] = head_dim
+    return shape
+
+
+def safetensors_parameters(header: bytes, name: str) -> int:
+    """The number of weights a safetensors file holds, from its JSON header (8-byte length, then the JSON)."""
+    try:
+        tensors = strictjson.loads(header[8:], f"the safetensors header of {name}")
+    except FormatError as exc:
+        raise FitError(exc.message) from exc
+    doc = Fields(tensors, f"safetensors header of {name}", error=FitError)
+    total = 0
+    for key in sorted(doc.raw):
+        if key != "__metadata__":
+            shape = doc.sub(key).items("shape", 8)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+                raise FitError(f"{name}: tensor {key[:80]!r} has shape {shape!r}; expected whole numbers")
+            total += math.prod(shape)
+    return total
+
+
+def size_converted(model: ModelSpec, commit: str, sizes: Mapping[str, int], host: HostInfo, gpu: bool,
+                   hub: HubReader) -> tuple[ModelSpec, Sized]:
+    """`quantize =`: the GGUF does not exist yet; its size is estimated from the weights' parameter count."""
+    from airgap.build.sources.convert import files_to_fetch
+
+    assert model.repo is not None and model.quantize is not None
+    names = files_to_fetch(model.repo, commit, sizes)
+    parameters = 0
+    for name in (n for n in names if n.endswith(".safetensors")):
+        length = int.from_bytes(hub.head(model.repo, commit, name, 8)[:8], "little")
+        if not 0 < length <= min(_SAFETENSORS_HEADER_LIMIT, sizes[name] - 8):
+            raise FitError(f"model {model.id!r}: {model.repo} {name}: expected a safetensors header of at most "
+                           f"{_SAFETENSORS_HEADER_LIMIT >> 20} MiB inside the file, found {length} bytes")
+        parameters += safetensors_parameters(hub.head(model.repo, commit, name, 8 + length), name)
+    try:
+        config = strictjson.loads(hub.head(model.repo, commit, "config.json", sizes["config.json"]),
+                                  f"{model.repo} config.json")
+    except FormatError as exc:
+        raise FitError(f"model {model.id!r}: {exc.message}") from exc
+    gguf = shape_from_config(model.id, config, parameters)
+    every = [Candidate((f"{model.id}-{q}.gguf",), estimated_size(parameters, q)) for q in CONVERTIBLE]
+    pinned = replace(model, revision=commit)
+    if model.quantize == AUTO:
+        # F32 and BF16 are left to a spec that names them: F32 adds nothing to F16, BF16 is F16's size
+        sized = choose(model.id, gguf, [c for c in every if c.label not in {"F32", "BF16"}], host, gpu_offload=gpu)
+        return replace(pinned, quantize=sized.candidate.label), _estimated(sized, parameters)
+    fixed = next(c for c in every if c.label == model.quantize)
+    return pinned, _estimated(check(model.id, gguf, fixed, every, host, gpu_offload=gpu, converted=True), parameters)
+
+
+def _estimated(sized: Sized, parameters: int) -> Sized:
+    return Sized(sized.candidate, f"{sized.explanation} (to be converted; size estimated from its "
+                                  f"{parameters / 1e9:.2f}B parameters)")
 
 
 def _pattern(model: ModelSpec) -> str | None:
