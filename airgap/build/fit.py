@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from airgap.build.spec import AUTO, ModelSpec, Spec
 from airgap.build.spec import QUANTIZATIONS as CONVERTIBLE
-from airgap.build.spec import ModelSpec, Spec
 from airgap.errors import FitError, FormatError, SpecError
 from airgap.format import strictjson
 from airgap.format.fields import Fields
@@ -26,7 +26,6 @@ from airgap.hardware.target import EngineChoice, choose_engine, target_record
 
 GB = 10**9
 HEAD_SIZES = (2 << 20, 16 << 20, 64 << 20)  # a 256k-token vocabulary puts the tensor table past 10 MB
-AUTO = "auto"
 _QUANT = re.compile(
     r"(?i)(?<![A-Za-z0-9])(IQ\d_[A-Z0-9]+|Q\d_K_[SML]|Q\d_K_XL|Q\d_K|Q\d_\d|BF16|F16|F32)(?![A-Za-z0-9])")
 _GLOB = re.compile(r"[*?\[]")

@@ -57,9 +57,13 @@ class Fields:
             raise self.error(f"invalid {self.what}: field {key!r} has {len(value)} items, limit {limit}")
         return value
 
-    def optional_text(self, key: str, *, longest: int | None = None) -> str | None:
+    def optional_text(self, key: str, *, longest: int | None = None, empty: bool = True) -> str | None:
         """A string, or None where the field is absent or null."""
-        return None if self.raw.get(key) is None else self.text(key, longest=longest)
+        return None if self.raw.get(key) is None else self.text(key, longest=longest, empty=empty)
+
+    def optional_flag(self, key: str) -> bool | None:
+        """True or false, or None where the field is absent or null."""
+        return None if self.raw.get(key) is None else bool(self.typed(key, bool, "true or false"))
 
     def optional_num(self, key: str) -> int | None:
         """A non-negative integer, or None where the field is absent or null."""
@@ -94,6 +98,10 @@ class Fields:
     def sub(self, key: str) -> Fields:
         """The object under `key`, read the same way and named by its path (`probe.memory`)."""
         return Fields(self.raw.get(key), f"{self.what}.{key}", error=self.error)
+
+    def optional_sub(self, key: str) -> Fields:
+        """The object under `key` read as sub() reads it; absent is the empty object."""
+        return Fields(self.mapping(key), f"{self.what}.{key}", error=self.error)
 
     def objects(self, key: str, *, limit: int | None = None) -> list[Fields]:
         """A list of objects, each read with its index in its name; absent is the empty list."""

@@ -139,3 +139,15 @@ def test_signer_not_a_release_key_of_the_newest_root(built: Build, tmp_path: Pat
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
 
 
+
+
+def test_quantize_auto_without_a_target_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
+    spec_path = tmp_path / "auto.toml"
+    spec_path.write_text('[bundle]\nname = "auto"\nversion = "1.0"\n\n'
+                         '[[models]]\nid = "m"\nrepo = "mistralai/M"\nquantize = "auto"\n')
+    with pytest.raises(SpecError) as refused:
+        build(load_spec(spec_path), Ed25519PrivateKey.generate(), tmp_path / "out")
+    assert refused.value.message == (
+        "model 'm': quantize = 'auto' picks the largest quantization that fits a target host; pass --target "
+        "PROBE.json (written by `airgap probe` on that host)")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

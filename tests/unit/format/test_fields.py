@@ -20,6 +20,10 @@ def test_reads_each_kind() -> None:
     assert (doc.positive("size"), doc.texts("names"), doc.texts("missing")) == (3, ("a", "b"), ())
     assert (doc.mapping("missing"), doc.text_table("obj")) == ({}, {"a": "b"})
     assert doc.objects("missing") == [] and doc.only(DOC) is doc
+    assert (doc.optional_flag("flag"), doc.optional_flag("missing"), doc.optional_text("name", empty=False)) == (
+        True, None, "x")
+    assert (doc.optional_sub("obj").what, doc.optional_sub("obj").text("a"), doc.optional_sub("missing").raw) == (
+        "thing.obj", "b", {})
 
 
 @pytest.mark.parametrize(("read", "message"), [
@@ -33,6 +37,9 @@ def test_reads_each_kind() -> None:
     (lambda d: d.texts("list"), "field 'list' must be a list of strings, found [1, 2, 3]"),
     (lambda d: d.objects("obj"), "field 'obj' must be a list, found {'a': 'b'}"),
     (lambda d: d.objects("objs"), "expected a JSON object, found int"),
+    (lambda d: d.optional_flag("name"), "field 'name' must be true or false, found 'x'"),
+    (lambda d: d.optional_flag("size"), "field 'size' must be true or false, found 3"),
+    (lambda d: d.optional_sub("list"), "field 'list' must be an object, found [1, 2, 3]"),
     (lambda d: d.text_table("mixed"), "field 'mixed' must be an object of strings, found {'a': 1}"),
     (lambda d: d.only(("name", "size")), "expected only the fields name, size, found 'flag', 'list', 'mixed', "
                                          "'names', 'neg'"),
@@ -42,6 +49,13 @@ def test_each_refusal_names_the_object_and_the_field(read: Callable[[Fields], ob
         read(Fields(DOC, "thing", error=PlanError))
     what = "thing objs[1]" if "found int" in message else "thing"
     assert str(refused.value) == f"invalid {what}: {message}"
+
+
+def test_an_empty_optional_text_can_be_refused() -> None:
+    assert Fields({"e": ""}, "thing").optional_text("e") == ""
+    with pytest.raises(FormatError) as refused:
+        Fields({"e": ""}, "thing").optional_text("e", empty=False)
+    assert str(refused.value) == "invalid thing: field 'e' must be a non-empty string, found ''"
 
 
 def test_a_huge_value_is_quoted_short() -> None:

@@ -133,25 +133,28 @@ def test_spec_engine_cuda_and_its_architectures(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ('cuda = "yes"\n', "engine.cuda must be true or false, found 'yes'"),
+    ('cuda = "yes"\n', "invalid spec.engine: field 'cuda' must be true or false, found 'yes'"),
     ("cuda = true\nllama_server = false\n",
      "engine.cuda = true adds a backend to llama-server; expected engine.llama_server to be true or absent, "
      "found false"),
     ("cuda_architectures = []\n",
-     'engine.cuda_architectures must be a non-empty list like \\["90"\\] or \\["8.0", "9.0"\\], found \\[\\]'),
+     'invalid spec.engine: field \'cuda_architectures\' must be a non-empty list like ["90"] or ["8.0", "9.0"], '
+     "found []"),
     ('cuda_architectures = "90"\n',
-     'engine.cuda_architectures must be a non-empty list like \\["90"\\] or \\["8.0", "9.0"\\], found \'90\''),
-    ('cuda_architectures = ["sm_90"]\n', 'engine.cuda_architectures entries must look like "90" or "9.0", '
-                                         "found 'sm_90'"),
-    ("cuda_architectures = [90]\n", 'engine.cuda_architectures entries must look like "90" or "9.0", found 90'),
+     "invalid spec.engine: field 'cuda_architectures' must be a list of strings, found '90'"),
+    ('cuda_architectures = ["sm_90"]\n', "invalid spec.engine: field 'cuda_architectures[0]' must be a compute "
+                                         'capability like "90" or "9.0", found \'sm_90\''),
+    ("cuda_architectures = [90]\n", "invalid spec.engine: field 'cuda_architectures' must be a list of strings, "
+                                    "found [90]"),
     ('cuda = false\ncuda_architectures = ["90"]\n',
      "engine.cuda_architectures chooses what the CUDA backend is built for; expected engine.cuda to be true or "
      "absent, found false"),
 ])
 def test_spec_engine_cuda_refusals(tmp_path: Path, table: str, message: str) -> None:
     path = _spec(tmp_path, table)
-    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: {message}$"):
+    with pytest.raises(SpecError) as caught:
         load_spec(path)
+    assert caught.value.message == f"{path}: {message}"
 
 
 def test_asking_for_cuda_without_llama_cpp_python_fails_the_build(

@@ -54,12 +54,13 @@ def test_spec_engine_table_and_embedding_models(tmp_path: Path, tiny_model: Path
     spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\nllama_server = "yes"\n')
     with pytest.raises(SpecError) as caught:
         load_spec(spec)
-    assert caught.value.message == f"{spec}: engine.llama_server must be true or false, found 'yes'"
+    assert caught.value.message == (f"{spec}: invalid spec.engine: field 'llama_server' must be true or false, "
+                                    "found 'yes'")
     spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\nvulkan = true\n')
     with pytest.raises(SpecError) as unknown:
         load_spec(spec)
-    assert unknown.value.message == (f"{spec}: [engine] knows only 'llama_server', 'cuda' and 'cuda_architectures', "
-                                     "found vulkan")
+    assert unknown.value.message == (f"{spec}: invalid spec.engine: expected only the fields cuda, cuda_architectures, "
+                                     "llama_server, found 'vulkan'")
 
 
 def test_asking_for_the_engine_without_llama_cpp_python_fails_the_build(
