@@ -292,8 +292,8 @@ def size_converted(model: ModelSpec, commit: str, sizes: Mapping[str, int], host
 
 
 def _estimated(sized: Sized, parameters: int) -> Sized:
-    return Sized(sized.candidate, f"{sized.explanation} (to be converted; size estimated from its "
-                                  f"{parameters / 1e9:.2f}B parameters)")
+    count = f"{parameters / 1e9:.2f}B" if parameters >= 10**8 else f"{parameters:,}"
+    return Sized(sized.candidate, f"{sized.explanation} (to be converted; size estimated from its {count} parameters)")
 
 
 def _pattern(model: ModelSpec) -> str | None:

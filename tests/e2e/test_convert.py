@@ -42,17 +42,18 @@ class Converted:
     fetched: list[str]
 
 
-def write_spec(folder: Path) -> Path:
-    spec = folder / "converted.toml"
+def write_spec(folder: Path, quantize: str = "Q4_K_M") -> Path:
+    spec = folder / f"converted-{quantize}.toml"
     spec.write_text(
         '[bundle]\nname = "converted"\nversion = "1.0.0"\n\n'
-        f'[[models]]\nid = "tiny"\nrepo = "{REPO_ID}"\nquantize = "Q4_K_M"\n\n'
+        f'[[models]]\nid = "tiny"\nrepo = "{REPO_ID}"\nquantize = "{quantize}"\n\n'
         f'[python]\nrequirements = ["{LLAMA_REQUIREMENT}"]\n')
     return spec
 
 
-def build(spec: Path, out: Path, keys: KeyPair, hub: HubSim, hf_home: Path) -> tuple[Path, dict[str, Any]]:
-    built = airgap("build", spec, "--key", keys.private, "-o", out, "-q", "--hub-endpoint", hub.endpoint,
+def build(spec: Path, out: Path, keys: KeyPair, hub: HubSim, hf_home: Path, *options: str | Path,
+          ) -> tuple[Path, dict[str, Any]]:
+    built = airgap("build", spec, "--key", keys.private, "-o", out, "-q", "--hub-endpoint", hub.endpoint, *options,
                    env={"HF_HOME": str(hf_home)}, timeout=3600)
     assert built.code == 0, built.stderr[-3000:]
     bundle = Path(built.stdout.split()[-1])
@@ -146,3 +147,23 @@ def test_installed_offline_it_serves_and_answers(converted: Converted, keys: Key
     assert isinstance(answer, dict)
     assert answer["model"] == "tiny" and 1 <= answer["tokens"] <= 8
     assert answer["finish"] in {"length", "stop"}
+
+
+def test_quantize_auto_for_a_target_host_converts_the_largest_that_fits(converted: Converted, keys: KeyPair) -> None:
+    """Sized before the download from the safetensors header and config.json alone; F16 fits this host."""
+    probe = converted.folder / "here.json"
+    assert airgap("probe", "--prefix", converted.folder / "opt", "-o", probe).code == 0
+    with HubSim() as hub:
+        hub.add_repo(REPO_ID, {**converted.model_files, "README.md": CARD, **NEVER_FETCHED})
+        _, manifest = build(write_spec(converted.folder, "auto"), converted.folder / "dist-auto", keys, hub,
+                            converted.folder / "hf-auto", "--target", probe)
+        ranged = [r.range for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    entry = model_entry(manifest)
+    assert entry["path"] == "models/tiny/tiny-F16.gguf" and entry["source"]["quantization"] == "F16"
+    assert manifest["models"][0]["gguf"]["file_type"] == "F16"
+    [choice] = [line for line in manifest["target"]["choices"] if line.startswith("model tiny:")]
+    assert choice.startswith("model tiny: chose F16 (") and choice.endswith(
+        "(to be converted; size estimated from its 1,465,600 parameters)")
+    header = int.from_bytes(converted.model_files["model.safetensors"].read_bytes()[:8], "little")
+    assert ranged[:2] == ["bytes=0-7", f"bytes=0-{7 + header}"]  # the header alone, then the download
+    assert ranged[2:] == [None]
