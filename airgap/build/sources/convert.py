@@ -22,14 +22,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from airgap.build.sources.engine import build_lock, offline_prefix
+from airgap.build.sources.engine import build_lock, extract_vendor, offline_prefix
 from airgap.errors import MissingDependencyError, ResolveError, SpecError
 from airgap.streams.pipeline import digest_file
 
@@ -245,21 +244,7 @@ def _run(command: list[str], env: Mapping[str, str], what: str) -> None:
 
 def _extract_converter(sdist: Path, into: Path) -> Path:
     """Unpack only the converter, its `conversion/` package and `gguf-py` from vendor/llama.cpp of the sdist."""
-    into.mkdir(parents=True)
-    try:
-        with tarfile.open(sdist, "r:gz") as archive:
-            members = []
-            for member in archive.getmembers():
-                parts = member.name.split("/", 1)
-                inner = parts[1].removeprefix("vendor/llama.cpp/") if len(parts) == 2 else ""
-                if not parts[1:] or inner == parts[1] or not inner.startswith(_SDIST_PARTS):
-                    continue
-                if member.isfile() or member.isdir():
-                    member.name = inner
-                    members.append(member)
-            archive.extractall(into, members=members, filter="data")
-    except (OSError, tarfile.TarError) as exc:
-        raise ResolveError(f"expected a llama-cpp-python sdist with vendor/llama.cpp at {sdist}, found {exc}") from exc
+    extract_vendor(sdist, into, lambda inner: inner.startswith(_SDIST_PARTS) or f"{inner}/" in _SDIST_PARTS)
     if not (into / "convert_hf_to_gguf.py").is_file():
         raise ResolveError(f"expected vendor/llama.cpp/convert_hf_to_gguf.py in {sdist.name}, found none")
     return into

@@ -30,7 +30,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +247,15 @@ def _extract_vendor(sdist: Path, into: Path) -> Path:
     if marker.is_file():
         return into
     shutil.rmtree(into, ignore_errors=True)
+    extract_vendor(sdist, into, lambda inner: True)
+    if not (into / "tools" / "server" / "CMakeLists.txt").is_file():
+        raise ResolveError(f"expected vendor/llama.cpp/tools/server in {sdist.name}, found none")
+    marker.write_text("ok\n", encoding="utf-8")
+    return into
+
+
+def extract_vendor(sdist: Path, into: Path, wanted: Callable[[str], bool]) -> None:
+    """Unpack the regular files and folders of vendor/llama.cpp in the sdist whose path there is `wanted`."""
     into.mkdir(parents=True)
     try:
         with tarfile.open(sdist, "r:gz") as archive:
@@ -256,15 +265,11 @@ def _extract_vendor(sdist: Path, into: Path) -> Path:
                 if len(parts) < 2 or not parts[1].startswith("vendor/llama.cpp/"):
                     continue
                 member.name = parts[1].removeprefix("vendor/llama.cpp/")
-                if member.isfile() or member.isdir():
+                if (member.isfile() or member.isdir()) and wanted(member.name):
                     members.append(member)
             archive.extractall(into, members=members, filter="data")
     except (OSError, tarfile.TarError) as exc:
         raise ResolveError(f"expected a llama-cpp-python sdist with vendor/llama.cpp at {sdist}, found {exc}") from exc
-    if not (into / "tools" / "server" / "CMakeLists.txt").is_file():
-        raise ResolveError(f"expected vendor/llama.cpp/tools/server in {sdist.name}, found none")
-    marker.write_text("ok\n", encoding="utf-8")
-    return into
 
 
 def offline_prefix() -> tuple[list[str], bool]:
@@ -295,21 +300,8 @@ def _compile(source: Path, build: Path, progress: bool) -> bool:
 
 def _collect(bin_dir: Path, into: Path) -> list[str]:
     """Copy llama-server, the libraries it needs and every CPU variant into `into`; check each one."""
-    wanted = [ENGINE_BINARY, *(f"libggml-cpu-{v}.so" for v in CPU_VARIANTS)]
-    copied: list[str] = []
-    while wanted:
-        name = wanted.pop()
-        if name in copied:
-            continue
-        found = bin_dir / name
-        if not found.exists():
-            raise ResolveError(f"expected {name} in the llama-server build output {bin_dir}, found none")
-        shutil.copyfile(found.resolve(), into / name)
-        copied.append(name)
-        elf = read_elf(into / name)
-        if elf.runpath != "$ORIGIN":
-            raise ResolveError(f"expected RUNPATH exactly $ORIGIN in {name}, found {elf.runpath!r}")
-        wanted += [n for n in elf.needed if n not in _HOST_LIBRARIES and n not in CARRIED_RUNTIME]
+    copied = _copy_needed(bin_dir, into, [ENGINE_BINARY, *(f"libggml-cpu-{v}.so" for v in CPU_VARIANTS)],
+                          CARRIED_RUNTIME)
     for name in CARRIED_RUNTIME:
         shutil.copyfile(compiler_library(name), into / name)
         copied.append(name)
@@ -327,25 +319,32 @@ def _collect_tools(bin_dir: Path, entry: Path, engine_files: Sequence[str]) -> l
     """
     tools = entry / "tools"
     tools.mkdir()
-    wanted, copied = [QUANTIZE_BINARY], []
-    while wanted:
-        name = wanted.pop()
-        if name in copied or name in engine_files:
-            continue
-        found = bin_dir / name
-        if not found.exists():
-            raise ResolveError(f"expected {name} in the llama-server build output {bin_dir}, found none")
-        shutil.copyfile(found.resolve(), tools / name)
-        copied.append(name)
-        elf = read_elf(tools / name)
-        if elf.runpath != "$ORIGIN":
-            raise ResolveError(f"expected RUNPATH exactly $ORIGIN in {name}, found {elf.runpath!r}")
-        wanted += [n for n in elf.needed if n not in _HOST_LIBRARIES]
+    copied = _copy_needed(bin_dir, tools, [QUANTIZE_BINARY], engine_files)
     (tools / QUANTIZE_BINARY).chmod(0o755)
     for name in engine_files:
         if name != ENGINE_BINARY:
             (tools / name).symlink_to(Path("..") / "files" / name)
     return sorted(copied)
+
+
+def _copy_needed(bin_dir: Path, into: Path, wanted: list[str], elsewhere: Sequence[str]) -> list[str]:
+    """Copy `wanted` and every library they need (but glibc's and `elsewhere`) from the build output; each one's
+    RUNPATH must be exactly `$ORIGIN`."""
+    copied: list[str] = []
+    while wanted:
+        name = wanted.pop()
+        if name in copied or name in elsewhere:
+            continue
+        found = bin_dir / name
+        if not found.exists():
+            raise ResolveError(f"expected {name} in the llama-server build output {bin_dir}, found none")
+        shutil.copyfile(found.resolve(), into / name)
+        copied.append(name)
+        elf = read_elf(into / name)
+        if elf.runpath != "$ORIGIN":
+            raise ResolveError(f"expected RUNPATH exactly $ORIGIN in {name}, found {elf.runpath!r}")
+        wanted += [n for n in elf.needed if n not in _HOST_LIBRARIES]
+    return copied
 
 
 def compiler_library(name: str) -> Path:
