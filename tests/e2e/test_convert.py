@@ -124,6 +124,8 @@ def test_the_conversion_is_reproducible(converted: Converted, keys: KeyPair) -> 
         _, again = build(write_spec(converted.folder), converted.folder / "dist-again", keys, hub,
                          converted.folder / "hf-again")
     assert cache.is_dir()
+    record = json.loads((cache / "converted.json").read_text())
+    assert record["offline"] is True  # converter and quantizer ran in a network namespace with no interface
     assert model_entry(again)["sha256"] == entry["sha256"]
     assert model_entry(again)["source"] == entry["source"]
 
