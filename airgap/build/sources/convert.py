@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airgap.build.sources.engine import build_lock, extract_vendor, offline_prefix
+from airgap.build.sources.llama import airgap_cache_dir
 from airgap.errors import MissingDependencyError, ResolveError, SpecError
 from airgap.streams.pipeline import digest_file
 
@@ -108,8 +109,7 @@ def sources_digest(sources: Sequence[SourceFile]) -> str:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "airgap" / "converted"
+    return airgap_cache_dir("converted")
 
 
 def converter_versions() -> dict[str, str]:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from airgap.build.sources.llama import airgap_cache_dir
 from airgap.build.sources.wheels import Pin, Pip
 from airgap.errors import ResolveError
 from airgap.streams.pipeline import digest_file
@@ -105,8 +106,7 @@ class BuiltEngine:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "airgap" / "engine"
+    return airgap_cache_dir("engine")
 
 
 def builder_target() -> str:

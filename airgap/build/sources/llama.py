@@ -56,9 +56,14 @@ class BuiltWheel:
     cached: bool
 
 
-def default_cache_dir() -> Path:
+def airgap_cache_dir(name: str) -> Path:
+    """`$XDG_CACHE_HOME/airgap/<name>` (`~/.cache` by default): where the build side keeps what it made once."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "airgap" / "wheels"
+    return Path(base) / "airgap" / name
+
+
+def default_cache_dir() -> Path:
+    return airgap_cache_dir("wheels")
 
 
 def build_flags(project: str) -> dict[str, str]:
