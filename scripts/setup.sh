@@ -23,7 +23,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 # llama-cpp-python for the serving tests and benchmarks, built once by airgap's own cached builder
-# (the same GGML_NATIVE=OFF wheel that bundles carry), then installed offline from that wheel
-if [ -z "${AIRGAP_SETUP_NO_LLAMA:-}" ] && ! .venv/bin/python -c "import llama_cpp.server" >/dev/null 2>&1; then
+# (the same GGML_NATIVE=OFF wheel that bundles carry), then installed offline from that wheel; and llama-server
+# for this host's CPU, the engine the tests' bundles carry (both compiled once per machine, then cached)
+if [ -z "${AIRGAP_SETUP_NO_LLAMA:-}" ]; then
   .venv/bin/python scripts/dev_llama.py
 fi

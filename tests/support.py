@@ -64,6 +64,22 @@ def assert_still_works(prefix: Path, before: PrefixSnapshot) -> None:
     subprocess.run([prefix / "current" / "venv" / "bin" / "airgap", "--version"], check=True, capture_output=True)
 
 
+def host_cpu_variant() -> str:
+    """The ggml CPU variant ggml picks on this host, by airgap's table (what `build --target` on its probe packs)."""
+    from airgap.hardware.probe import parse_cpuinfo_model
+    from airgap.hardware.target import best_cpu_variant
+
+    _, flags = parse_cpuinfo_model(Path("/proc/cpuinfo").read_text(encoding="utf-8"))
+    return best_cpu_variant(flags)
+
+
+def engine_table() -> str:
+    """The `[engine]` table of every test spec that builds llama-server: this host's ggml CPU variant (x64 comes
+    with it). All of them share one compile, a fraction of the every-variant one; the variant table itself is
+    checked against the pinned sources in tests/unit/build/sources/test_engine.py."""
+    return f'[engine]\ncpu_variants = ["{host_cpu_variant()}"]\n'
+
+
 def write_spec(folder: Path, *, name: str = "tiny-chat", version: str = "1.0.0", model: Path,
                wheelhouse: Path, requirements: tuple[str, ...] = (), extra: str = "") -> Path:
     spec = folder / f"{name}-{version}.toml"

@@ -205,7 +205,7 @@ def _collect_models(
     files: list[tuple[Path, DraftFile]] = []
     licenses: dict[str, Any] = {}
     for model in spec.models:
-        fetched = _fetch_model(model, options, llama)
+        fetched = _fetch_model(model, options, llama, spec.cpu_variants)
         card = _card_license(model, fetched[0].source, options) if fetched else None
         if card is not None:
             licenses[model.id] = card
@@ -245,11 +245,13 @@ def _gguf_metadata(path: Path) -> dict[str, object]:
     return dict(read_gguf_metadata(path))
 
 
-def _fetch_model(model: ModelSpec, options: BuildOptions, llama: LlamaSdist | None) -> list[FetchedFile]:
+def _fetch_model(
+    model: ModelSpec, options: BuildOptions, llama: LlamaSdist | None, spec_variants: Sequence[str]
+) -> list[FetchedFile]:
     if model.path is not None:
         return [FetchedFile(model.path, model.path.name, {"type": "local", "path": str(model.path)})]
     if model.quantize is not None:
-        return [_convert_model(model, options, llama)]
+        return [_convert_model(model, options, llama, spec_variants)]
     from airgap.build.sources.hf import fetch_hub_files
 
     assert model.repo is not None
@@ -261,7 +263,9 @@ def _fetch_model(model: ModelSpec, options: BuildOptions, llama: LlamaSdist | No
                                                                 "file": f.filename}) for f in hub_files]
 
 
-def _convert_model(model: ModelSpec, options: BuildOptions, llama: LlamaSdist | None) -> FetchedFile:
+def _convert_model(
+    model: ModelSpec, options: BuildOptions, llama: LlamaSdist | None, spec_variants: Sequence[str]
+) -> FetchedFile:
     """Fetch the repo's safetensors, config and tokenizer, and convert them with the pinned llama.cpp's tools."""
     from airgap.build.sources import convert
     from airgap.build.sources.engine import default_cache_dir, engine_for
@@ -277,7 +281,7 @@ def _convert_model(model: ModelSpec, options: BuildOptions, llama: LlamaSdist | 
                                 endpoint=options.hub_endpoint, progress=options.progress)
     sources = [convert.SourceFile(f.filename, f.path, f.sha256) for f in hub_files]
     engine = engine_for(llama.pin, llama.pip, cache_dir=options.engine_cache or default_cache_dir(),
-                        progress=options.progress)
+                        variants=cpu_variants(spec_variants, options.target), progress=options.progress)
     tool = engine.quantize
     quantizer = convert.Quantizer(sdist_name=llama.pin.filename, sdist_sha256=llama.pin.sha256,
                                   fetch_sdist=lambda into: llama.pip.download_sdist(llama.pin, into),
@@ -336,6 +340,17 @@ def _llama_sdist(spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions)
     )
 
 
+def cpu_variants(spec_variants: Sequence[str], target: HostFacts | None) -> tuple[str, ...]:
+    """The ggml CPU variants llama-server is built with: the spec's, else the target's best and x64, else all."""
+    from airgap.build.sources.engine import CPU_VARIANTS, chosen_variants
+    from airgap.hardware.target import cpu_variants_for
+
+    if spec_variants:
+        return chosen_variants(spec_variants)
+    fitting = cpu_variants_for(target) if target is not None else None
+    return CPU_VARIANTS if fitting is None else fitting
+
+
 def _collect_engine(
     spec: Spec, wheels: list[ResolvedWheel], llama: LlamaSdist | None, options: BuildOptions, *, cuda: bool
 ) -> list[tuple[Path, DraftFile]]:
@@ -353,9 +368,15 @@ def _collect_engine(
                             f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
         return []
     from airgap.build.sources.engine import default_cache_dir, engine_for, manifest_source
+    from airgap.hardware.target import cpu_variants_for
 
+    variants = cpu_variants(spec.cpu_variants, options.target)
+    if options.target is not None and not spec.cpu_variants and options.say is not None and \
+            cpu_variants_for(options.target) is not None:
+        options.say(f"llama-server: ggml CPU variants {', '.join(variants)} (what the target's CPU runs best, "
+                    "and x64, which any x86-64 CPU runs)")
     built = engine_for(llama.pin, llama.pip, cache_dir=options.engine_cache or default_cache_dir(),
-                       progress=options.progress)
+                       variants=variants, progress=options.progress)
     source = manifest_source(built)
     files = [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                 source=source)) for f in built.files]

@@ -11,6 +11,7 @@ from typing import Any
 from airgap.errors import FormatError, SpecError
 from airgap.format.fields import Fields
 from airgap.format.manifest import check_name, check_version
+from airgap.hardware.target import BASELINE_CPU_VARIANT, GGML_CPU_VARIANTS
 
 DEFAULT_EXPIRES_DAYS = 180
 # `quantize =`: what llama-quantize makes without an importance matrix (the IQ types and the 1- and 2-bit ones
@@ -56,6 +57,9 @@ class Spec:
     # [engine] cuda = true / false always packs it or never does
     cuda: bool | None = None
     cuda_architectures: tuple[str, ...] = ()  # [engine] cuda_architectures = ["90"]: overrides the target's GPUs
+    # [engine] cpu_variants = ["zen4"]: the ggml CPU variants llama-server carries (x64 always); () leaves it to
+    # `build --target` (the target's best) or builds every variant
+    cpu_variants: tuple[str, ...] = ()
 
     @property
     def lock_path(self) -> Path:
@@ -87,11 +91,11 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
     ids = [m.id for m in models]
     if len(set(ids)) != len(ids):
         raise doc.error(f"model ids must be unique, found {ids}")
-    engine = doc.optional_sub("engine").only(("llama_server", "cuda", "cuda_architectures"))
+    engine = doc.optional_sub("engine").only(("llama_server", "cuda", "cuda_architectures", "cpu_variants"))
     return Spec(path=path, name=name, version=version, models=models,
                 python=_python(doc.optional_sub("python"), path.parent), expires_days=expires,
                 engine=engine.optional_flag("llama_server"), cuda=_cuda(engine),
-                cuda_architectures=_cuda_architectures(engine))
+                cuda_architectures=_cuda_architectures(engine), cpu_variants=_cpu_variants(engine))
 
 
 def _cuda(engine: Fields) -> bool | None:
@@ -117,6 +121,20 @@ def _cuda_architectures(engine: Fields) -> tuple[str, ...]:
         raise engine.error("engine.cuda_architectures chooses what the CUDA backend is built for; expected "
                            "engine.cuda to be true or absent, found false")
     return tuple(sorted(set(names), key=int))
+
+
+def _cpu_variants(engine: Fields) -> tuple[str, ...]:
+    """ggml's names of x86-64 CPU variants; x64 is added, so the engine starts on any x86-64 host."""
+    value = engine.texts("cpu_variants")
+    if not value and "cpu_variants" in engine.raw:
+        raise engine.refuse("cpu_variants", 'a non-empty list like ["zen4"] or ["haswell", "icelake"]', [])
+    for i, item in enumerate(value):
+        if item not in GGML_CPU_VARIANTS:
+            raise engine.refuse(f"cpu_variants[{i}]", f"one of {', '.join(GGML_CPU_VARIANTS)}", item)
+    if engine.optional_flag("llama_server") is False and value:
+        raise engine.error("engine.cpu_variants chooses what llama-server is built for; expected "
+                           "engine.llama_server to be true or absent, found false")
+    return tuple(v for v in GGML_CPU_VARIANTS if v == BASELINE_CPU_VARIANT or v in value) if value else ()
 
 
 _LOCAL_KEYS = ("id", "path", "embedding")

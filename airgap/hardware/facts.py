@@ -100,6 +100,7 @@ class HostFacts:
     gpu_note: str | None
     cuda_visible_devices: str | None
     gpus: tuple[GpuFacts, ...] = ()
+    cpu_flags: tuple[str, ...] = ()  # as /proc/cpuinfo names them; empty when the probe could not read them
 
     @property
     def python_minor(self) -> str:
@@ -170,6 +171,7 @@ def parse_probe(raw: object, where: str) -> HostFacts:
         gpu_note=nvidia.optional_text("note", longest=_MAX_TEXT),
         cuda_visible_devices=nvidia.optional_text("cuda_visible_devices", longest=_MAX_TEXT),
         gpus=tuple(_gpu(g, where) for g in nvidia.objects("gpus", limit=64)),
+        cpu_flags=cpu.texts("flags", longest=_MAX_TEXT, limit=_MAX_ITEMS),
     )
 
 

@@ -6,7 +6,7 @@ Pure functions on HostFacts (airgap.hardware.facts); no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,63 @@ def driver_report(facts: HostFacts) -> dict[str, Any]:
                 f"{CUDA_MAJOR} engine needs: the CPU engine serves")
     return {"version": facts.driver_version, "cuda_major": CUDA_MAJOR, "floor": CUDA_DRIVER_FLOOR,
             "meets_floor": meets, "summary": line}
+
+
+# The /proc/cpuinfo flags behind each feature ggml's x86 CPU backend checks at start, with the weight ggml's
+# ggml_backend_cpu_x86_score gives it (ggml/src/ggml-cpu/arch/x86/cpu-feats.cpp of the pinned sdist).
+GGML_X86_FEATURES: Mapping[str, tuple[int, tuple[str, ...]]] = {
+    "FMA": (1, ("fma",)), "F16C": (1 << 1, ("f16c",)), "SSE42": (1 << 2, ("sse4_2",)), "BMI2": (1 << 3, ("bmi2",)),
+    "AVX": (1 << 4, ("avx",)), "AVX2": (1 << 5, ("avx2",)), "AVX_VNNI": (1 << 6, ("avx_vnni",)),
+    "AVX512": (1 << 7, ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    "AVX512_VBMI": (1 << 8, ("avx512vbmi",)), "AVX512_BF16": (1 << 9, ("avx512_bf16",)),
+    "AVX512_VNNI": (1 << 10, ("avx512_vnni",)),
+}
+# ggml's x86-64 CPU variants (GGML_CPU_ALL_VARIANTS in the pinned ggml/src/CMakeLists.txt) and the features each
+# is compiled for, in ggml's order. sapphirerapids is left out: on Xeons that report AMX it is chosen and dies
+# with an illegal instruction on its first computation (an open upstream bug).
+GGML_CPU_VARIANTS: Mapping[str, tuple[str, ...]] = {
+    "x64": (),
+    "sse42": ("SSE42",),
+    "sandybridge": ("SSE42", "AVX"),
+    "ivybridge": ("SSE42", "AVX", "F16C"),
+    "piledriver": ("SSE42", "AVX", "F16C", "FMA"),
+    "haswell": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2"),
+    "skylakex": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512"),
+    "cannonlake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI"),
+    "cascadelake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VNNI"),
+    "icelake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI"),
+    "cooperlake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VNNI", "AVX512_BF16"),
+    "zen4": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"),
+    "alderlake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX_VNNI"),
+}
+# The variant every x86-64 CPU runs: always built, so an engine made for one host still starts on another.
+BASELINE_CPU_VARIANT = "x64"
+
+
+def cpu_variant_score(variant: str, flags: Sequence[str]) -> int:
+    """ggml's score of a CPU variant on a CPU with these flags: 0 when the CPU lacks one of its features."""
+    present = set(flags)
+    score = 1
+    for feature in GGML_CPU_VARIANTS[variant]:
+        weight, needed = GGML_X86_FEATURES[feature]
+        if not present.issuperset(needed):
+            return 0
+        score += weight
+    return score
+
+
+def best_cpu_variant(flags: Sequence[str]) -> str:
+    """The variant ggml picks on a CPU with these flags, out of all of them (x64 when none of the others runs)."""
+    return max(GGML_CPU_VARIANTS, key=lambda v: cpu_variant_score(v, flags))
+
+
+def cpu_variants_for(facts: HostFacts) -> tuple[str, ...] | None:
+    """The CPU variants an engine for this host needs: the one ggml would pick there, and x64; None when the probe
+    names no x86-64 CPU flags (then every variant is built)."""
+    if facts.machine not in ("x86_64", "amd64", "AMD64") or not facts.cpu_flags:
+        return None
+    best = best_cpu_variant(facts.cpu_flags)
+    return tuple(v for v in GGML_CPU_VARIANTS if v in (BASELINE_CPU_VARIANT, best))
 
 
 @dataclass(frozen=True)

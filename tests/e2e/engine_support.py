@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import REPO, airgap
+from tests.support import REPO, airgap, engine_table
 
 CACHE = Path.home() / ".cache" / "airgap-tests"
 API_KEY = "engine-test-key-0123456789"
@@ -58,7 +58,7 @@ def write_engine_spec(folder: Path, model: Path) -> Path:
         f'[[models]]\nid = "smol"\npath = "{model}"\n\n'
         f'[[models]]\nid = "smol-embed"\npath = "{model}"\nembedding = true\n\n'
         f'[[models]]\nid = "tiny-code"\npath = "{code}"\n\n'
-        f'[python]\nrequirements = ["{LLAMA_REQUIREMENT}"]\n'
+        f'[python]\nrequirements = ["{LLAMA_REQUIREMENT}"]\n\n{engine_table()}'
     )
     return spec
 

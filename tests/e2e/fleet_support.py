@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO, airgap
+from tests.support import REPO, airgap, engine_table
 
 PLAYBOOKS = REPO / "deploy" / "ansible"
 SSHD = "/usr/sbin/sshd"
@@ -496,7 +496,8 @@ def build_bundle(folder: Path, version: str, model: Path, *, wheelhouse: Path, p
     spec = folder / f"fleet-{version}.toml"
     spec.write_text(
         f'[bundle]\nname = "fleet"\nversion = "{version}"\n\n[[models]]\nid = "tiny"\npath = "{model}"\n\n'
-        f'[python]\nrequirements = ["llama-cpp-python[server]==0.3.36"]\nfind_links = ["{wheelhouse}"]\n')
+        f'[python]\nrequirements = ["llama-cpp-python[server]==0.3.36"]\nfind_links = ["{wheelhouse}"]\n\n'
+        f'{engine_table()}')
     if lock is not None:
         shutil.copyfile(lock, spec.with_name(spec.name + ".lock"))
     args = ["build", spec, "--key", private_key, "-o", folder / version, "-q", *(["--base", base] if base else [])]

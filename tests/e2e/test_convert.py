@@ -21,7 +21,7 @@ from tests.conftest import KeyPair
 from tests.e2e.engine_support import LLAMA_REQUIREMENT, start_serving, stop_serving
 from tests.hubsim import HubSim
 from tests.safetensors_model import write_tiny_safetensors_model
-from tests.support import airgap
+from tests.support import airgap, engine_table, host_cpu_variant
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -42,12 +42,13 @@ class Converted:
     fetched: list[str]
 
 
-def write_spec(folder: Path, quantize: str = "Q4_K_M") -> Path:
+def write_spec(folder: Path, quantize: str = "Q4_K_M", *, variants_from_target: bool = False) -> Path:
+    """With `variants_from_target`, no [engine] table: `build --target` picks the CPU variants."""
     spec = folder / f"converted-{quantize}.toml"
     spec.write_text(
         '[bundle]\nname = "converted"\nversion = "1.0.0"\n\n'
         f'[[models]]\nid = "tiny"\nrepo = "{REPO_ID}"\nquantize = "{quantize}"\n\n'
-        f'[python]\nrequirements = ["{LLAMA_REQUIREMENT}"]\n')
+        f'[python]\nrequirements = ["{LLAMA_REQUIREMENT}"]\n\n{"" if variants_from_target else engine_table()}')
     return spec
 
 
@@ -157,8 +158,8 @@ def test_quantize_auto_for_a_target_host_converts_the_largest_that_fits(converte
     assert airgap("probe", "--prefix", converted.folder / "opt", "-o", probe).code == 0
     with HubSim() as hub:
         hub.add_repo(REPO_ID, {**converted.model_files, "README.md": CARD, **NEVER_FETCHED})
-        _, manifest = build(write_spec(converted.folder, "auto"), converted.folder / "dist-auto", keys, hub,
-                            converted.folder / "hf-auto", "--target", probe)
+        _, manifest = build(write_spec(converted.folder, "auto", variants_from_target=True),
+                            converted.folder / "dist-auto", keys, hub, converted.folder / "hf-auto", "--target", probe)
         ranged = [r.range for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
     entry = model_entry(manifest)
     assert entry["path"] == "models/tiny/tiny-F16.gguf" and entry["source"]["quantization"] == "F16"
@@ -166,6 +167,9 @@ def test_quantize_auto_for_a_target_host_converts_the_largest_that_fits(converte
     [choice] = [line for line in manifest["target"]["choices"] if line.startswith("model tiny:")]
     assert choice.startswith("model tiny: chose F16 (") and choice.endswith(
         "(to be converted; size estimated from its 1,465,600 parameters)")
+    # the engine for this target: its best ggml CPU variant and x64 (the same build the other tests share)
+    engine = {f["path"] for f in manifest["files"] if f["kind"] == "engine" and "libggml-cpu-" in f["path"]}
+    assert engine == {"engine/libggml-cpu-x64.so", f"engine/libggml-cpu-{host_cpu_variant()}.so"}
     header = int.from_bytes(converted.model_files["model.safetensors"].read_bytes()[:8], "little")
     assert ranged[:2] == ["bytes=0-7", f"bytes=0-{7 + header}"]  # the header alone, then the download
     assert ranged[2:] == [None]

@@ -49,7 +49,7 @@ def test_a_cuda_bundle_carries_the_backend_and_runtime_and_serves_on_cpu_without
     tmp_path: Path, keys: KeyPair
 ) -> None:
     spec = write_engine_spec(tmp_path, smollm2_gguf())
-    spec.write_text(spec.read_text() + '\n[engine]\ncuda = true\ncuda_architectures = ["90"]\n')
+    spec.write_text(spec.read_text() + 'cuda = true\ncuda_architectures = ["90"]\n')  # to its [engine] table
     built = airgap("build", spec, "--key", keys.private, "-o", tmp_path / "dist", "-q", timeout=7200)
     assert built.code == 0, built.stderr[-3000:]
     bundle = Path(built.stdout.split()[-1])

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import KeyPair
 from tests.hubsim import HubSim
-from tests.support import REPO, airgap
+from tests.support import REPO, airgap, engine_table
 
 CLIENT = textwrap.dedent("""
     import json, sys, time, urllib.request
@@ -49,7 +49,7 @@ def test_build_install_serve_offline(tmp_path: Path, tiny_model: Path, keys: Key
     spec.write_text(
         '[bundle]\nname = "tiny-chat"\nversion = "1.0.0"\n\n'
         '[[models]]\nid = "tiny"\nrepo = "acme/tiny-GGUF"\nfile = "tiny.gguf"\n\n'
-        '[python]\nrequirements = ["llama-cpp-python[server]==0.3.36"]\n'
+        '[python]\nrequirements = ["llama-cpp-python[server]==0.3.36"]\n\n' + engine_table()
     )
     with HubSim() as hub:
         hub.add_repo("acme/tiny-GGUF", {"tiny.gguf": tiny_model})

@@ -14,6 +14,9 @@ Things the build takes care of (each checked after the build, the build fails ot
 - no OpenSSL;
 - the `sapphirerapids` variant is left out: on Xeons that report AMX it is chosen and dies with an illegal
   instruction on its first computation (an open upstream bug).
+
+A build for one known host (`build --target`, or the spec's `[engine] cpu_variants`) compiles only the variants
+it names, plus x64, which every x86-64 CPU runs: a fraction of the compile, and the same binaries.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from airgap.build.sources.llama import airgap_cache_dir
 from airgap.build.sources.wheels import Pin, Pip
 from airgap.errors import ResolveError
+from airgap.hardware.target import BASELINE_CPU_VARIANT, GGML_CPU_VARIANTS
 from airgap.streams.pipeline import digest_file
 
 ENGINE_BINARY = "llama-server"
@@ -46,10 +50,7 @@ BUILD_RECORD = "engine.json"
 LAYOUT_VERSION = 2  # bump when what is copied out of a finished compile changes
 
 # Every x86-64 CPU variant of the vendored ggml except sapphirerapids (see the module docstring).
-CPU_VARIANTS = (
-    "x64", "sse42", "sandybridge", "ivybridge", "piledriver", "haswell", "skylakex", "cannonlake",
-    "cascadelake", "icelake", "cooperlake", "zen4", "alderlake",
-)  # fmt: skip
+CPU_VARIANTS = tuple(GGML_CPU_VARIANTS)
 
 CMAKE_DEFINES: Mapping[str, str] = {
     "CMAKE_BUILD_TYPE": "Release",
@@ -113,14 +114,22 @@ def builder_target() -> str:
     return f"{sys.platform}-{os.uname().machine}"
 
 
-def cache_key(version: str, sdist_sha256: str) -> str:
+def chosen_variants(names: Sequence[str]) -> tuple[str, ...]:
+    """`names` and x64, in ggml's order; every name must be one of CPU_VARIANTS."""
+    unknown = sorted(set(names) - set(CPU_VARIANTS))
+    if unknown:
+        raise ResolveError(f"expected CPU variants among {', '.join(CPU_VARIANTS)}, found {', '.join(unknown)}")
+    return tuple(v for v in CPU_VARIANTS if v == BASELINE_CPU_VARIANT or v in names)
+
+
+def cache_key(version: str, sdist_sha256: str, variants: Sequence[str] = CPU_VARIANTS) -> str:
     inputs = {
         "project": "llama-server",
         "version": version,
         "sdist_sha256": sdist_sha256,
         "target": builder_target(),
         "defines": dict(sorted(CMAKE_DEFINES.items())),
-        "variants": list(CPU_VARIANTS),
+        "variants": list(variants),
         "layout": LAYOUT_VERSION,
     }
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
@@ -173,10 +182,13 @@ def build_lock(cache_dir: Path, key: str) -> Iterator[None]:
 
 
 def build_engine(
-    sdist: Path, *, version: str, sdist_sha256: str, cache_dir: Path, progress: bool = True
+    sdist: Path, *, version: str, sdist_sha256: str, cache_dir: Path, variants: Sequence[str] = CPU_VARIANTS,
+    progress: bool = True,
 ) -> BuiltEngine:
-    """Return the cached engine for this sdist, or compile it (about 10 minutes on 2 cores) and cache it."""
-    key = cache_key(version, sdist_sha256)
+    """Return the cached engine for this sdist and these CPU variants, or compile it and cache it (about 20
+    minutes on 2 cores for every variant, a third of that for one host's)."""
+    variants = chosen_variants(variants)
+    key = cache_key(version, sdist_sha256, variants)
     found = cached_engine(cache_dir, key)
     if found is not None:
         return found
@@ -186,11 +198,12 @@ def build_engine(
         if found is not None:
             return found
         return _build_engine(sdist, key, version=version, sdist_sha256=sdist_sha256, cache_dir=cache_dir,
-                             progress=progress)
+                             variants=variants, progress=progress)
 
 
 def _build_engine(
-    sdist: Path, key: str, *, version: str, sdist_sha256: str, cache_dir: Path, progress: bool
+    sdist: Path, key: str, *, version: str, sdist_sha256: str, cache_dir: Path, variants: Sequence[str],
+    progress: bool,
 ) -> BuiltEngine:
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
@@ -201,15 +214,15 @@ def _build_engine(
     work.mkdir(exist_ok=True)
     source = _extract_vendor(sdist, work / "src")
     if progress:
-        print(f"building llama-server {version} from {sdist.name} (once per cache key; ~10 min on 2 cores)",
-              file=sys.stderr)
+        print(f"building llama-server {version} from {sdist.name} with CPU variants {', '.join(variants)} "
+              f"(once per cache key; minutes)", file=sys.stderr)
     started = time.monotonic()
-    offline = _compile(source, work / "build", progress)
+    offline = _compile(source, work / "build", variants, progress)
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=cache_dir) as staging:
         entry = Path(staging) / "entry"
         (entry / "files").mkdir(parents=True)
-        names = _collect(work / "build" / "bin", entry / "files")
+        names = _collect(work / "build" / "bin", entry / "files", variants)
         tools = _collect_tools(work / "build" / "bin", entry, names)
         floor = glibc_floor([entry / "files" / n for n in names])
         record = {
@@ -219,7 +232,7 @@ def _build_engine(
             "sdist_sha256": sdist_sha256,
             "target": builder_target(),
             "defines": dict(CMAKE_DEFINES),
-            "variants": list(CPU_VARIANTS),
+            "variants": list(variants),
             "glibc_floor": floor,
             "built_offline": offline,
             "seconds": round(seconds, 1),
@@ -279,11 +292,11 @@ def offline_prefix() -> tuple[list[str], bool]:
     return [], False
 
 
-def _compile(source: Path, build: Path, progress: bool) -> bool:
+def _compile(source: Path, build: Path, variants: Sequence[str], progress: bool) -> bool:
     prefix, offline = offline_prefix()
     defines = [f"-D{k}={v}" for k, v in CMAKE_DEFINES.items()]
     env = {k: v for k, v in os.environ.items() if k not in {"CFLAGS", "CXXFLAGS", "LDFLAGS", "CMAKE_ARGS"}}
-    targets = [ENGINE_BINARY, QUANTIZE_BINARY, *(f"ggml-cpu-{v}" for v in CPU_VARIANTS)]
+    targets = [ENGINE_BINARY, QUANTIZE_BINARY, *(f"ggml-cpu-{v}" for v in variants)]
     steps = [
         [*prefix, "cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *defines],
         [*prefix, "cmake", "--build", str(build), "-j", _JOBS, "--target", *targets],
@@ -298,9 +311,9 @@ def _compile(source: Path, build: Path, progress: bool) -> bool:
     return offline
 
 
-def _collect(bin_dir: Path, into: Path) -> list[str]:
-    """Copy llama-server, the libraries it needs and every CPU variant into `into`; check each one."""
-    copied = _copy_needed(bin_dir, into, [ENGINE_BINARY, *(f"libggml-cpu-{v}.so" for v in CPU_VARIANTS)],
+def _collect(bin_dir: Path, into: Path, variants: Sequence[str]) -> list[str]:
+    """Copy llama-server, the libraries it needs and its CPU variants into `into`; check each one."""
+    copied = _copy_needed(bin_dir, into, [ENGINE_BINARY, *(f"libggml-cpu-{v}.so" for v in variants)],
                           CARRIED_RUNTIME)
     for name in CARRIED_RUNTIME:
         shutil.copyfile(compiler_library(name), into / name)
@@ -381,15 +394,17 @@ def glibc_floor(paths: Sequence[Path]) -> str:
     return f"{newest[0]}.{newest[1]}"
 
 
-def engine_for(sdist: Pin, pip: Pip, *, cache_dir: Path, progress: bool = True) -> BuiltEngine:
+def engine_for(
+    sdist: Pin, pip: Pip, *, cache_dir: Path, variants: Sequence[str] = CPU_VARIANTS, progress: bool = True
+) -> BuiltEngine:
     """The engine built from the pinned sdist: from the cache, or downloaded by hash and compiled once."""
-    found = cached_engine(cache_dir, cache_key(sdist.version, sdist.sha256))
+    found = cached_engine(cache_dir, cache_key(sdist.version, sdist.sha256, chosen_variants(variants)))
     if found is not None:
         return found
     with tempfile.TemporaryDirectory(prefix="airgap-engine-sdist-") as work:
         path = pip.download_sdist(sdist, Path(work) / "sdist")
         return build_engine(path, version=sdist.version, sdist_sha256=sdist.sha256, cache_dir=cache_dir,
-                            progress=progress)
+                            variants=variants, progress=progress)
 
 
 def manifest_source(engine: BuiltEngine) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,12 +13,14 @@ import pytest
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from airgap.build.builder import BOOTSTRAP_REQUIREMENTS, BuildOptions, build_bundle, creation_time
+from airgap.build.builder import BOOTSTRAP_REQUIREMENTS, BuildOptions, build_bundle, cpu_variants, creation_time
+from airgap.build.sources.engine import CPU_VARIANTS
 from airgap.build.sources.gguf_meta import read_gguf_metadata
 from airgap.build.spec import Spec, load_spec
 from airgap.bundle.container import Head, read_head, read_payload
 from airgap.bundle.drops import create_root, write_root_file
 from airgap.errors import SpecError
+from airgap.hardware.facts import probe_facts
 from airgap.trust.signing import TrustPolicy, key_id
 from tests.support import write_spec
 
@@ -151,3 +153,12 @@ def test_quantize_auto_without_a_target_is_refused_before_anything_is_fetched(tm
         "model 'm': quantize = 'auto' picks the largest quantization that fits a target host; pass --target "
         "PROBE.json (written by `airgap probe` on that host)")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_engine_carries_the_specs_cpu_variants_else_the_targets_else_all(tmp_path: Path) -> None:
+    here = probe_facts(tmp_path, nvidia_smi=None)
+    haswell = replace(here, cpu_flags=("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"))
+    assert cpu_variants((), None) == CPU_VARIANTS
+    assert cpu_variants((), haswell) == ("x64", "haswell")
+    assert cpu_variants((), replace(here, cpu_flags=())) == CPU_VARIANTS  # a probe without flags: all
+    assert cpu_variants(("x64", "zen4"), haswell) == ("x64", "zen4")  # the spec's choice beats the target's

@@ -91,6 +91,9 @@ def test_engine_table(tmp_path: Path) -> None:
     assert (spec.engine, spec.cuda, spec.cuda_architectures) == (True, True, ("86", "90"))
     absent = load_spec(write(tmp_path, BUNDLE + "[engine]\n"))
     assert (absent.engine, absent.cuda, absent.cuda_architectures) == (None, None, ())
+    assert absent.cpu_variants == ()  # every variant, or the target's
+    chosen = load_spec(write(tmp_path, BUNDLE + '[engine]\ncpu_variants = ["zen4", "haswell", "zen4"]\n'))
+    assert chosen.cpu_variants == ("x64", "haswell", "zen4")  # x64 always, in ggml's order
 
 
 def test_embedding_model(tmp_path: Path) -> None:
@@ -243,7 +246,19 @@ REFUSALS = [
     # [engine]
     ('engine = true\n' + BUNDLE, "invalid spec: field 'engine' must be an object, found True"),
     (BUNDLE + "[engine]\nvulkan = true\n",
-     "invalid spec.engine: expected only the fields cuda, cuda_architectures, llama_server, found 'vulkan'"),
+     "invalid spec.engine: expected only the fields cpu_variants, cuda, cuda_architectures, llama_server, found "
+     "'vulkan'"),
+    (BUNDLE + "[engine]\ncpu_variants = []\n",
+     "invalid spec.engine: field 'cpu_variants' must be a non-empty list like [\"zen4\"] or [\"haswell\", "
+     "\"icelake\"], found []"),
+    (BUNDLE + '[engine]\ncpu_variants = "zen4"\n',
+     "invalid spec.engine: field 'cpu_variants' must be a list of strings, found 'zen4'"),
+    (BUNDLE + '[engine]\ncpu_variants = ["zen4", "sapphirerapids"]\n',
+     "invalid spec.engine: field 'cpu_variants[1]' must be one of x64, sse42, sandybridge, ivybridge, piledriver, "
+     "haswell, skylakex, cannonlake, cascadelake, icelake, cooperlake, zen4, alderlake, found 'sapphirerapids'"),
+    (BUNDLE + '[engine]\nllama_server = false\ncpu_variants = ["zen4"]\n',
+     "engine.cpu_variants chooses what llama-server is built for; expected engine.llama_server to be true or "
+     "absent, found false"),
     (BUNDLE + '[engine]\nllama_server = "yes"\n',
      "invalid spec.engine: field 'llama_server' must be true or false, found 'yes'"),
     (BUNDLE + '[engine]\ncuda = "yes"\n', "invalid spec.engine: field 'cuda' must be true or false, found 'yes'"),

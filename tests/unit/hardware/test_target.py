@@ -10,7 +10,11 @@ import pytest
 from airgap.hardware.facts import GpuFacts, HostFacts, host_info, probe_facts
 from airgap.hardware.target import (
     CUDA_DRIVER_FLOOR,
+    GGML_CPU_VARIANTS,
+    best_cpu_variant,
     choose_engine,
+    cpu_variant_score,
+    cpu_variants_for,
     differences,
     driver_branch,
     driver_report,
@@ -19,6 +23,7 @@ from airgap.hardware.target import (
     no_usable_gpu,
     target_record,
 )
+from tests.unit.hardware.test_probe import CORE2_FLAGS, HASWELL_FLAGS, NEHALEM_FLAGS, V4_FLAGS
 
 H100 = GpuFacts(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-1", bus_id=None, memory_total=81559 << 20,
                 memory_free=81003 << 20, compute_capability="9.0")
@@ -107,3 +112,50 @@ def test_a_gpu_engine_has_no_usable_gpu_without_an_nvidia_gpu_or_below_the_drive
         "NVIDIA driver version unknown; the CUDA 13 engine needs R580 or newer")
     assert no_usable_gpu(none, cuda=True) == no_usable_gpu(none, cuda=False) == "none found on this host"
     assert no_usable_gpu(old, cuda=False) is None  # the floor is CUDA's; another backend is not held to it
+
+
+# CPUs as /proc/cpuinfo lists them, cut to the flags that matter, and the ggml variant each one runs best
+AVX512_VNNI_VBMI = [*V4_FLAGS, "avx512vbmi", "avx512_vnni"]
+CPU_VARIANT_CASES = [
+    (CORE2_FLAGS, "x64"),  # no SSE4.2
+    (NEHALEM_FLAGS, "sse42"),
+    ([*NEHALEM_FLAGS, "avx"], "sandybridge"),
+    ([*NEHALEM_FLAGS, "avx", "f16c"], "ivybridge"),
+    ([*NEHALEM_FLAGS, "avx", "f16c", "fma"], "piledriver"),  # AMD, before AVX2
+    (HASWELL_FLAGS, "haswell"),
+    ([*HASWELL_FLAGS, "avx512f", "avx512cd", "avx512er", "avx512pf"], "haswell"),  # Knights Landing: no BW/DQ/VL
+    (V4_FLAGS, "skylakex"),
+    ([*V4_FLAGS, "avx512vbmi"], "cannonlake"),
+    ([*V4_FLAGS, "avx512_vnni"], "cascadelake"),
+    (AVX512_VNNI_VBMI, "icelake"),
+    ([*V4_FLAGS, "avx512_vnni", "avx512_bf16"], "cooperlake"),
+    ([*AVX512_VNNI_VBMI, "avx512_bf16"], "zen4"),
+    ([*AVX512_VNNI_VBMI, "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"], "zen4"),  # Sapphire Rapids
+    ([*HASWELL_FLAGS, "avx_vnni"], "alderlake"),  # AVX-VNNI without AVX-512
+]
+
+
+@pytest.mark.parametrize(("flags", "variant"), CPU_VARIANT_CASES)
+def test_the_cpu_variant_is_the_one_ggml_scores_highest(flags: list[str], variant: str) -> None:
+    assert best_cpu_variant(flags) == variant
+    assert cpu_variant_score(variant, flags) == max(cpu_variant_score(v, flags) for v in GGML_CPU_VARIANTS) > 0
+
+
+def test_a_variant_scores_zero_on_a_cpu_that_lacks_one_of_its_features() -> None:
+    assert cpu_variant_score("x64", []) == 1
+    assert cpu_variant_score("haswell", [f for f in HASWELL_FLAGS if f != "bmi2"]) == 0
+    assert cpu_variant_score("skylakex", [f for f in V4_FLAGS if f != "avx512vl"]) == 0
+    # ggml's weights: SSE4.2 4, AVX 16, F16C 2, FMA 1, AVX2 32, BMI2 8, and 1 for being there
+    assert cpu_variant_score("haswell", HASWELL_FLAGS) == 1 + 4 + 16 + 2 + 1 + 32 + 8
+    assert "sapphirerapids" not in GGML_CPU_VARIANTS  # dies on AMX (an open upstream bug)
+
+
+def test_an_engine_for_a_target_carries_its_best_variant_and_x64(here: HostFacts) -> None:
+    assert here.cpu_flags  # the probe records them
+    best = best_cpu_variant(here.cpu_flags)
+    assert cpu_variants_for(here) == tuple(v for v in GGML_CPU_VARIANTS if v in ("x64", best))
+    assert cpu_variants_for(dataclasses.replace(here, cpu_flags=tuple(HASWELL_FLAGS))) == ("x64", "haswell")
+    assert cpu_variants_for(dataclasses.replace(here, cpu_flags=tuple(CORE2_FLAGS))) == ("x64",)
+    # unknown flags, or not x86-64: every variant is built (None)
+    assert cpu_variants_for(dataclasses.replace(here, cpu_flags=())) is None
+    assert cpu_variants_for(dataclasses.replace(here, machine="aarch64", cpu_flags=("fp", "asimd"))) is None

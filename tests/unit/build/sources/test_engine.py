@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ import pytest
 from airgap.build.sources import engine
 from airgap.build.spec import load_spec
 from airgap.errors import ResolveError, SpecError
+from airgap.hardware.target import GGML_CPU_VARIANTS, GGML_X86_FEATURES
 from tests.conftest import KeyPair
-from tests.support import airgap, write_sdist, write_spec
+from tests.support import airgap, host_cpu_variant, write_sdist, write_spec
 
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # llama-cpp-python 0.3.36
 
@@ -26,6 +29,43 @@ def test_cache_key_covers_the_sdist_and_version() -> None:
     assert key.startswith("llama-server-0.3.36-") and key == engine.cache_key("0.3.36", SDIST_SHA256)
     assert engine.cache_key("0.3.36", "0" * 63 + "1") != key
     assert engine.cache_key("0.3.37", SDIST_SHA256) != key
+    assert engine.cache_key("0.3.36", SDIST_SHA256, engine.CPU_VARIANTS) == key  # every variant is the default
+    assert engine.cache_key("0.3.36", SDIST_SHA256, ("x64", "zen4")) != key
+
+
+def test_chosen_variants_add_x64_in_ggmls_order_and_refuse_unknown_names() -> None:
+    assert engine.chosen_variants(["zen4", "haswell"]) == ("x64", "haswell", "zen4")
+    assert engine.chosen_variants(["x64"]) == ("x64",)
+    assert engine.chosen_variants(engine.CPU_VARIANTS) == engine.CPU_VARIANTS
+    with pytest.raises(ResolveError) as caught:
+        engine.chosen_variants(["zen4", "sapphirerapids"])
+    assert caught.value.message == ("expected CPU variants among x64, sse42, sandybridge, ivybridge, piledriver, "
+                                    "haswell, skylakex, cannonlake, cascadelake, icelake, cooperlake, zen4, "
+                                    "alderlake, found sapphirerapids")
+
+
+def _vendored(sdist: Path, member: str) -> str:
+    with tarfile.open(sdist, "r:gz") as archive:
+        handle = archive.extractfile(f"llama_cpp_python-0.3.36/vendor/llama.cpp/{member}")
+        assert handle is not None
+        return handle.read().decode()
+
+
+@pytest.mark.slow
+def test_the_variant_table_is_the_pinned_ggmls_own(llama_sdist: Path) -> None:
+    """airgap chooses variants by its own copy of ggml's table: it must be the vendored one, less sapphirerapids."""
+    cmake = _vendored(llama_sdist, "ggml/src/CMakeLists.txt")
+    block = cmake[cmake.index("if (GGML_CPU_ALL_VARIANTS)"):]
+    x86 = block[block.index('STREQUAL "x86"'):block.index('STREQUAL "ARM"')]
+    vendored = {m[1]: tuple(m[2].split()) for m in re.finditer(r"ggml_add_cpu_backend_variant\((\w+)([^)]*)\)", x86)}
+    assert list(vendored.pop("sapphirerapids")) == [*GGML_CPU_VARIANTS["zen4"], "AMX_TILE", "AMX_INT8"]
+    assert list(vendored.items()) == list(GGML_CPU_VARIANTS.items())
+    # ...and scored with ggml's own weights (ggml_backend_cpu_x86_score)
+    feats = _vendored(llama_sdist, "ggml/src/ggml-cpu/arch/x86/cpu-feats.cpp")
+    weights = {m[1]: 1 << int(m[2] or 0) for m in
+               re.finditer(r"#ifdef GGML_(\w+)\n[^#]*?score \+= 1(?:<<(\d+))?;", feats)}
+    features = {f for needed in GGML_CPU_VARIANTS.values() for f in needed}
+    assert {f: weights[f] for f in features} == {f: GGML_X86_FEATURES[f][0] for f in features}
 
 
 def test_the_flags_turn_off_every_download_and_the_amx_variant() -> None:
@@ -59,8 +99,8 @@ def test_spec_engine_table_and_embedding_models(tmp_path: Path, tiny_model: Path
     spec.write_text('[bundle]\nname = "s"\nversion = "1"\n[engine]\nvulkan = true\n')
     with pytest.raises(SpecError) as unknown:
         load_spec(spec)
-    assert unknown.value.message == (f"{spec}: invalid spec.engine: expected only the fields cuda, cuda_architectures, "
-                                     "llama_server, found 'vulkan'")
+    assert unknown.value.message == (f"{spec}: invalid spec.engine: expected only the fields cpu_variants, cuda, "
+                                     "cuda_architectures, llama_server, found 'vulkan'")
 
 
 def test_asking_for_the_engine_without_llama_cpp_python_fails_the_build(
@@ -86,12 +126,16 @@ def llama_sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # about 10 minutes on two cores the first time, then from the cache
 def test_the_real_build_is_portable_offline_and_cached(llama_sdist: Path, tmp_path: Path) -> None:
+    # the variants every engine test shares (this host's and x64): the same compile, a fraction of all of them
+    variants = engine.chosen_variants([host_cpu_variant()])
     built = engine.build_engine(llama_sdist, version="0.3.36", sdist_sha256=SDIST_SHA256,
-                                cache_dir=engine.default_cache_dir(), progress=False)
+                                cache_dir=engine.default_cache_dir(), variants=variants, progress=False)
     names = {f.name for f in built.files}
     assert {"llama-server", "libllama.so.0", "libggml-base.so.0", "libstdc++.so.6", "libgcc_s.so.1",
-            "libgomp.so.1", *(f"libggml-cpu-{v}.so" for v in engine.CPU_VARIANTS)} <= names
-    assert not any("sapphirerapids" in n for n in names)
+            "libgomp.so.1"} <= names
+    assert {n for n in names if n.startswith("libggml-cpu-")} == {f"libggml-cpu-{v}.so" for v in variants}
+    assert built.record["variants"] == list(variants) and built.cache_key == engine.cache_key(
+        "0.3.36", SDIST_SHA256, variants)
     for file in built.files:
         elf = engine.read_elf(file.path)
         if file.name not in engine.CARRIED_RUNTIME:
@@ -103,7 +147,7 @@ def test_the_real_build_is_portable_offline_and_cached(llama_sdist: Path, tmp_pa
     assert tuple(map(int, floor.split("."))) <= tuple(map(int, host.split()[-1].split(".")))
     assert built.record["built_offline"] is True  # cmake ran in a network namespace with no interface
     again = engine.build_engine(llama_sdist, version="0.3.36", sdist_sha256=SDIST_SHA256,
-                                cache_dir=engine.default_cache_dir(), progress=False)
+                                cache_dir=engine.default_cache_dir(), variants=variants, progress=False)
     assert again.cached and again.files == built.files
 
     # llama-quantize, for converting models at build time, is kept beside the engine but never packed
