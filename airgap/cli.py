@@ -728,20 +728,23 @@ def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int |
          parallel: int | None, host_facts: Path | None, as_json: bool) -> None:
     """Show what serve will do on this host (GPU layers, context, threads) and why."""
     from airgap.hardware.facts import host_info, load_probe, probe_facts
-    from airgap.hardware.target import host_check
+    from airgap.hardware.target import carried_cpu_variants, host_check
     from airgap.serve import cpu_fallback_line, plan_for, plans_json, read_installation
 
     facts = load_probe(host_facts) if host_facts is not None else probe_facts(prefix)
     host = host_info(facts)
     plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads, parallel), host)
-    check = host_check(read_installation(prefix).manifest.target, facts)
+    manifest = read_installation(prefix).manifest
+    check = host_check(manifest.target, facts, carried_cpu_variants(f.path for f in manifest.files
+                                                                      if f.kind == "engine"))
     fallback = cpu_fallback_line(plans, "plan")
     if fallback is not None:
         click.echo(fallback, err=True)
     if as_json:
         click.echo(plans_json(plans, host, check))
         return
-    tail = [line for line in (check["warning"], check["driver"]["summary"]) if line]
+    cpu = check["cpu_variant"]
+    tail = [line for line in (check["warning"], cpu and cpu["warning"], check["driver"]["summary"]) if line]
     click.echo("\n\n".join([*(p.explain() for p in plans), "\n".join(tail)]))
 
 

@@ -6,7 +6,7 @@ Pure functions on HostFacts (airgap.hardware.facts); no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,10 +205,39 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def host_check(target: Mapping[str, Any] | None, here: HostFacts) -> dict[str, Any]:
-    """What `plan` adds about the host: the driver against the CUDA floor, and one warning line when this host
-    differs from the one the bundle was built for (a malformed record is itself the warning, never an error)."""
-    report: dict[str, Any] = {"driver": driver_report(here), "built_for": None, "differences": [], "warning": None}
+def carried_cpu_variants(engine_paths: Iterable[str]) -> list[str]:
+    """The ggml CPU variants among an engine's files (`engine/libggml-cpu-<variant>.so`), in ggml's order."""
+    names = {m[1] for p in engine_paths if (m := re.fullmatch(r"engine/libggml-cpu-(\w+)\.so", p))}
+    return [v for v in GGML_CPU_VARIANTS if v in names]
+
+
+def cpu_variant_report(carried: Sequence[str], here: HostFacts) -> dict[str, Any] | None:
+    """Which of the engine's CPU variants ggml runs on this host, against the best this CPU could run, with a
+    warning line when they differ; None without llama-server CPU variants or without this CPU's flags."""
+    known = [v for v in GGML_CPU_VARIANTS if v in carried]
+    if not known or here.machine not in ("x86_64", "amd64", "AMD64") or not here.cpu_flags:
+        return None
+    top = max(known, key=lambda v: cpu_variant_score(v, here.cpu_flags))
+    runs = top if cpu_variant_score(top, here.cpu_flags) > 0 else None
+    best = best_cpu_variant(here.cpu_flags)
+    if runs is None:
+        line: str | None = (f"warning: llama-server carries the CPU variants {', '.join(known)}, none of which this "
+                            f"CPU runs (its best is {best}): rebuild with `airgap build --target` on a probe of this host")
+    elif runs != best:
+        line = (f"warning: llama-server carries the CPU variants {', '.join(known)}; this CPU runs {runs} of them, "
+                f"slower than {best}, which it could run: rebuild with `airgap build --target` on a probe of this "
+                "host")
+    else:
+        line = None
+    return {"carried": known, "runs": runs, "best": best, "warning": line}
+
+
+def host_check(target: Mapping[str, Any] | None, here: HostFacts, cpu_variants: Sequence[str] = ()) -> dict[str, Any]:
+    """What `plan` adds about the host: the driver against the CUDA floor, which of the engine's `cpu_variants`
+    runs here, and one warning line when this host differs from the one the bundle was built for (a malformed
+    record is itself the warning, never an error)."""
+    report: dict[str, Any] = {"driver": driver_report(here), "built_for": None, "differences": [], "warning": None,
+                              "cpu_variant": cpu_variant_report(cpu_variants, here)}
     try:
         built = built_for(target)
     except ProbeError as exc:

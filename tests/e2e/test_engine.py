@@ -22,7 +22,7 @@ import pytest
 from airgap.hardware.target import GGML_CPU_VARIANTS
 from tests.conftest import KeyPair
 from tests.e2e.engine_support import API_KEY, Served, build_and_install, start_serving, stop_serving
-from tests.support import host_cpu_variant
+from tests.support import airgap, host_cpu_variant
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -76,6 +76,9 @@ def test_the_bundle_carries_a_portable_engine_installed_executable(served: Serve
     names = {Path(p).name for p in engine}
     best = host_cpu_variant()
     assert {"llama-server", "libstdc++.so.6", "libgcc_s.so.1", "libgomp.so.1"} <= names
+    plan = json.loads(airgap("plan", "--prefix", served.prefix, "--json").stdout)
+    carried = [v for v in GGML_CPU_VARIANTS if v in ("x64", best)]
+    assert plan["host_check"]["cpu_variant"] == {"carried": carried, "runs": best, "best": best, "warning": None}
     # the spec's [engine] cpu_variants (this host's variant), and x64 for any other x86-64 host
     assert {n for n in names if n.startswith("libggml-cpu-")} == {"libggml-cpu-x64.so", f"libggml-cpu-{best}.so"}
     source = engine["engine/llama-server"]["source"]

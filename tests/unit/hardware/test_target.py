@@ -12,7 +12,9 @@ from airgap.hardware.target import (
     CUDA_DRIVER_FLOOR,
     GGML_CPU_VARIANTS,
     best_cpu_variant,
+    carried_cpu_variants,
     choose_engine,
+    cpu_variant_report,
     cpu_variant_score,
     cpu_variants_for,
     differences,
@@ -94,7 +96,7 @@ def test_host_check_warns_in_one_line_and_survives_a_malformed_record(here: Host
     assert "\n" not in check["warning"] and check["differences"] and check["built_for"] == built.to_dict()
     assert host_check({"host": here.to_dict()}, here)["warning"] is None
     assert host_check(None, here) == {"driver": driver_report(here), "built_for": None, "differences": [],
-                                      "warning": None}
+                                      "warning": None, "cpu_variant": None}
     broken = host_check({"host": {"_type": "airgap/probe", "probe_format": 1}}, here)
     assert broken["warning"] == ("warning: cannot compare with the host this bundle was built for: the bundle's "
                                  "target record: invalid probe.python: expected a JSON object, found NoneType")
@@ -159,3 +161,24 @@ def test_an_engine_for_a_target_carries_its_best_variant_and_x64(here: HostFacts
     # unknown flags, or not x86-64: every variant is built (None)
     assert cpu_variants_for(dataclasses.replace(here, cpu_flags=())) is None
     assert cpu_variants_for(dataclasses.replace(here, machine="aarch64", cpu_flags=("fp", "asimd"))) is None
+
+
+def test_plan_says_which_carried_cpu_variant_runs_here_and_warns_when_a_better_one_would(here: HostFacts) -> None:
+    haswell = dataclasses.replace(here, cpu_flags=tuple(HASWELL_FLAGS))
+    carried = carried_cpu_variants(["engine/llama-server", "engine/libggml-cpu-zen4.so", "engine/libggml-base.so.0",
+                                    "engine/libggml-cpu-x64.so", "engine/libggml-cpu-haswell.so.bak"])
+    assert carried == ["x64", "zen4"]
+    # built for a Zen 4, installed on a Haswell: ggml falls back to x64, and plan says so in one line
+    report = cpu_variant_report(carried, haswell)
+    assert report == {"carried": ["x64", "zen4"], "runs": "x64", "best": "haswell", "warning": (
+        "warning: llama-server carries the CPU variants x64, zen4; this CPU runs x64 of them, slower than haswell, "
+        "which it could run: rebuild with `airgap build --target` on a probe of this host")}
+    assert cpu_variant_report(["x64", "haswell"], haswell) == {"carried": ["x64", "haswell"], "runs": "haswell",
+                                                              "best": "haswell", "warning": None}
+    # a bundle without x64 (not one airgap builds) on a CPU that runs none of its variants
+    assert cpu_variant_report(["zen4"], haswell) == {"carried": ["zen4"], "runs": None, "best": "haswell", "warning": (
+        "warning: llama-server carries the CPU variants zen4, none of which this CPU runs (its best is haswell): "
+        "rebuild with `airgap build --target` on a probe of this host")}
+    assert cpu_variant_report([], haswell) is None  # no llama-server
+    assert cpu_variant_report(["x64"], dataclasses.replace(here, cpu_flags=())) is None  # flags unknown
+    assert host_check(None, haswell, carried)["cpu_variant"] == report
