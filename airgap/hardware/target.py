@@ -222,7 +222,8 @@ def cpu_variant_report(carried: Sequence[str], here: HostFacts) -> dict[str, Any
     best = best_cpu_variant(here.cpu_flags)
     if runs is None:
         line: str | None = (f"warning: llama-server carries the CPU variants {', '.join(known)}, none of which this "
-                            f"CPU runs (its best is {best}): rebuild with `airgap build --target` on a probe of this host")
+                            f"CPU runs (its best is {best}): rebuild with `airgap build --target` on a probe of "
+                            "this host")
     elif runs != best:
         line = (f"warning: llama-server carries the CPU variants {', '.join(known)}; this CPU runs {runs} of them, "
                 f"slower than {best}, which it could run: rebuild with `airgap build --target` on a probe of this "
