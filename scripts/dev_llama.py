@@ -58,6 +58,8 @@ def main() -> None:
     llama = next(w for w in resolved if w.name == "llama-cpp-python")
     sdist = Pin(name=llama.name, version=llama.version, filename=llama.source["from"],
                 sha256=llama.source["sdist_sha256"], url=llama.source.get("sdist_url", ""))
+    print(f"setup: building or reusing llama-server with CPU variants {', '.join(variants)} (about 12 minutes on "
+          "2 cores the first time)", file=sys.stderr)
     started = time.monotonic()
     built = engine_for(sdist, Pip(progress=False), cache_dir=default_cache_dir(), variants=variants, progress=True)
     how = "from the cache" if built.cached else f"compiled in {time.monotonic() - started:.0f} s"

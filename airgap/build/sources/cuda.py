@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from airgap.build.sources.engine import (
     builder_target,
     offline_prefix,
     read_elf,
+    run_build_step,
 )
 from airgap.build.sources.wheels import Pin, Pip
 from airgap.errors import ResolveError
@@ -354,10 +354,9 @@ def _compile(source: Path, build: Path, toolkit: Toolkit, architectures: Sequenc
         [*prefix, "cmake", "--build", str(build), "-j", _JOBS, "--target", "ggml-cuda"],
     ]
     for step in steps:
-        result = subprocess.run(step, env=env, stdout=None if progress else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            tail = [line for line in result.stderr.splitlines() if line.strip()][-3:] or ["no output"]
+        code, errors = run_build_step(step, env, progress)
+        if code != 0:
+            tail = [line for line in errors.splitlines() if line.strip()][-3:] or ["no output"]
             raise ResolveError(f"expected {' '.join(step[len(prefix):len(prefix) + 2])} to succeed building "
                                f"the CUDA backend, it failed: {' | '.join(t.strip() for t in tail)}")
     return offline

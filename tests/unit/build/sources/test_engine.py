@@ -44,6 +44,23 @@ def test_chosen_variants_add_x64_in_ggmls_order_and_refuse_unknown_names() -> No
                                     "alderlake, found sapphirerapids")
 
 
+def test_a_build_step_shows_ninjas_count_every_5_percent_not_the_compilers_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    noisy = ("import sys\n"
+             "for i in range(1, 201):\n"
+             "    print(f'[{i}/200] Building CXX object x{i}.o')\n"
+             "    print('warning: unused variable', flush=True)\n"
+             "print('ninja: build stopped', file=sys.stderr)\n"
+             "sys.exit(3)\n")
+    code, errors = engine.run_build_step([sys.executable, "-c", noisy], dict(os.environ), progress=True)
+    assert (code, errors) == (3, "ninja: build stopped\n")
+    shown = capsys.readouterr().err.splitlines()
+    assert shown == [f"  {n}/200 build steps" for n in (1, *range(10, 201, 10))]
+    assert engine.run_build_step([sys.executable, "-c", noisy], dict(os.environ), progress=False) == (3, errors)
+    assert capsys.readouterr().err == ""
+
+
 def _vendored(sdist: Path, member: str) -> str:
     with tarfile.open(sdist, "r:gz") as archive:
         handle = archive.extractfile(f"llama_cpp_python-0.3.36/vendor/llama.cpp/{member}")
@@ -124,7 +141,7 @@ def llama_sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # about 10 minutes on two cores the first time, then from the cache
+@pytest.mark.timeout(3600)  # minutes on two cores the first time (scripts/setup.sh compiles it), then from the cache
 def test_the_real_build_is_portable_offline_and_cached(llama_sdist: Path, tmp_path: Path) -> None:
     # the variants every engine test shares (this host's and x64): the same compile, a fraction of all of them
     variants = engine.chosen_variants([host_cpu_variant()])
