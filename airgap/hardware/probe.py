@@ -134,9 +134,12 @@ def _cpuinfo_blocks(text: str) -> Iterator[dict[str, str]]:
         block.setdefault(key, value)
 
 
+X86_64_MACHINES = ("x86_64", "amd64", "AMD64")  # what platform.machine() and uname call x86-64
+
+
 def x86_64_level(machine: str, flags: Sequence[str]) -> int | None:
     """The x86-64 micro-architecture level (1..4) these CPU flags reach; None off x86-64."""
-    if machine not in ("x86_64", "amd64", "AMD64"):
+    if machine not in X86_64_MACHINES:
         return None
     present = set(flags)
     level = 1

@@ -12,6 +12,7 @@ from typing import Any
 
 from airgap.errors import ProbeError
 from airgap.hardware.facts import HostFacts, HostInfo, parse_probe
+from airgap.hardware.probe import X86_64_MACHINES
 
 CUDA_MAJOR = 13
 CUDA_DRIVER_FLOOR = 580  # CUDA 13.0 needs an NVIDIA driver of branch R580 or newer (Linux 580.65.06 shipped it)
@@ -113,12 +114,18 @@ def best_cpu_variant(flags: Sequence[str]) -> str:
     return max(GGML_CPU_VARIANTS, key=lambda v: cpu_variant_score(v, flags))
 
 
+def _x86_64_flags(facts: HostFacts) -> tuple[str, ...] | None:
+    """The host's CPU flags where they say what ggml's x86 variants need; None off x86-64 or when unknown."""
+    return facts.cpu_flags if facts.machine in X86_64_MACHINES and facts.cpu_flags else None
+
+
 def cpu_variants_for(facts: HostFacts) -> tuple[str, ...] | None:
     """The CPU variants an engine for this host needs: the one ggml would pick there, and x64; None when the probe
     names no x86-64 CPU flags (then every variant is built)."""
-    if facts.machine not in ("x86_64", "amd64", "AMD64") or not facts.cpu_flags:
+    flags = _x86_64_flags(facts)
+    if flags is None:
         return None
-    best = best_cpu_variant(facts.cpu_flags)
+    best = best_cpu_variant(flags)
     return tuple(v for v in GGML_CPU_VARIANTS if v in (BASELINE_CPU_VARIANT, best))
 
 
@@ -215,11 +222,12 @@ def cpu_variant_report(carried: Sequence[str], here: HostFacts) -> dict[str, Any
     """Which of the engine's CPU variants ggml runs on this host, against the best this CPU could run, with a
     warning line when they differ; None without llama-server CPU variants or without this CPU's flags."""
     known = [v for v in GGML_CPU_VARIANTS if v in carried]
-    if not known or here.machine not in ("x86_64", "amd64", "AMD64") or not here.cpu_flags:
+    flags = _x86_64_flags(here)
+    if not known or flags is None:
         return None
-    top = max(known, key=lambda v: cpu_variant_score(v, here.cpu_flags))
-    runs = top if cpu_variant_score(top, here.cpu_flags) > 0 else None
-    best = best_cpu_variant(here.cpu_flags)
+    top = max(known, key=lambda v: cpu_variant_score(v, flags))
+    runs = top if cpu_variant_score(top, flags) > 0 else None
+    best = best_cpu_variant(flags)
     if runs is None:
         line: str | None = (f"warning: llama-server carries the CPU variants {', '.join(known)}, none of which this "
                             f"CPU runs (its best is {best}): rebuild with `airgap build --target` on a probe of "
