@@ -367,12 +367,12 @@ def _collect_engine(
             raise SpecError(f"{spec.path}: {asked} builds llama-server from the "
                             f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
         return []
-    from airgap.build.sources.engine import default_cache_dir, engine_for, manifest_source
-    from airgap.hardware.target import cpu_variants_for
+    from airgap.build.sources.engine import CPU_VARIANTS, default_cache_dir, engine_for, manifest_source
 
     variants = cpu_variants(spec.cpu_variants, options.target)
+    # all of them only when the target's flags are unknown: then there was no choice to explain
     if options.target is not None and not spec.cpu_variants and options.say is not None and \
-            cpu_variants_for(options.target) is not None:
+            variants != CPU_VARIANTS:
         options.say(f"llama-server: ggml CPU variants {', '.join(variants)} (what the target's CPU runs best, "
                     "and x64, which any x86-64 CPU runs)")
     built = engine_for(llama.pin, llama.pip, cache_dir=options.engine_cache or default_cache_dir(),

@@ -11,7 +11,7 @@ from typing import Any
 from airgap.errors import FormatError, SpecError
 from airgap.format.fields import Fields
 from airgap.format.manifest import check_name, check_version
-from airgap.hardware.target import BASELINE_CPU_VARIANT, GGML_CPU_VARIANTS
+from airgap.hardware.target import GGML_CPU_VARIANTS, with_baseline
 
 DEFAULT_EXPIRES_DAYS = 180
 # `quantize =`: what llama-quantize makes without an importance matrix (the IQ types and the 1- and 2-bit ones
@@ -134,7 +134,7 @@ def _cpu_variants(engine: Fields) -> tuple[str, ...]:
     if engine.optional_flag("llama_server") is False and value:
         raise engine.error("engine.cpu_variants chooses what llama-server is built for; expected "
                            "engine.llama_server to be true or absent, found false")
-    return tuple(v for v in GGML_CPU_VARIANTS if v == BASELINE_CPU_VARIANT or v in value) if value else ()
+    return with_baseline(value) if value else ()
 
 
 _LOCAL_KEYS = ("id", "path", "embedding")

@@ -97,6 +97,12 @@ GGML_CPU_VARIANTS: Mapping[str, tuple[str, ...]] = {
 BASELINE_CPU_VARIANT = "x64"
 
 
+def with_baseline(names: Iterable[str]) -> tuple[str, ...]:
+    """The known variants among `names`, and x64, in ggml's order."""
+    wanted = set(names)
+    return tuple(v for v in GGML_CPU_VARIANTS if v == BASELINE_CPU_VARIANT or v in wanted)
+
+
 def cpu_variant_score(variant: str, flags: Sequence[str]) -> int:
     """ggml's score of a CPU variant on a CPU with these flags: 0 when the CPU lacks one of its features."""
     present = set(flags)
@@ -125,8 +131,7 @@ def cpu_variants_for(facts: HostFacts) -> tuple[str, ...] | None:
     flags = _x86_64_flags(facts)
     if flags is None:
         return None
-    best = best_cpu_variant(flags)
-    return tuple(v for v in GGML_CPU_VARIANTS if v in (BASELINE_CPU_VARIANT, best))
+    return with_baseline([best_cpu_variant(flags)])
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 from airgap.build.sources.llama import airgap_cache_dir
 from airgap.build.sources.wheels import Pin, Pip
 from airgap.errors import ResolveError
-from airgap.hardware.target import BASELINE_CPU_VARIANT, GGML_CPU_VARIANTS
+from airgap.hardware.target import GGML_CPU_VARIANTS, with_baseline
 from airgap.streams.pipeline import digest_file
 
 ENGINE_BINARY = "llama-server"
@@ -119,7 +119,7 @@ def chosen_variants(names: Sequence[str]) -> tuple[str, ...]:
     unknown = sorted(set(names) - set(CPU_VARIANTS))
     if unknown:
         raise ResolveError(f"expected CPU variants among {', '.join(CPU_VARIANTS)}, found {', '.join(unknown)}")
-    return tuple(v for v in CPU_VARIANTS if v == BASELINE_CPU_VARIANT or v in names)
+    return with_baseline(names)
 
 
 def cache_key(version: str, sdist_sha256: str, variants: Sequence[str] = CPU_VARIANTS) -> str:
