@@ -729,14 +729,15 @@ def plan(prefix: Path, model: str | None, n_gpu_layers: int | None, n_ctx: int |
     """Show what serve will do on this host (GPU layers, context, threads) and why."""
     from airgap.hardware.facts import host_info, load_probe, probe_facts
     from airgap.hardware.target import carried_cpu_variants, host_check
-    from airgap.serve import cpu_fallback_line, plan_for, plans_json, read_installation
+    from airgap.serve import cpu_fallback_line, gpu_backends, plan_for, plans_json, read_installation
 
     facts = load_probe(host_facts) if host_facts is not None else probe_facts(prefix)
     host = host_info(facts)
     plans = plan_for(prefix, model, _plan_overrides(n_gpu_layers, n_ctx, threads, parallel), host)
     manifest = read_installation(prefix).manifest
-    check = host_check(manifest.target, facts, carried_cpu_variants(f.path for f in manifest.files
-                                                                      if f.kind == "engine"))
+    engine_files = [f.path for f in manifest.files if f.kind == "engine"]
+    check = host_check(manifest.target, facts, carried_cpu_variants(engine_files),
+                       vulkan="vulkan" in gpu_backends(engine_files))
     fallback = cpu_fallback_line(plans, "plan")
     if fallback is not None:
         click.echo(fallback, err=True)

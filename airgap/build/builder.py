@@ -390,6 +390,7 @@ def _collect_cuda(
 ) -> list[tuple[Path, DraftFile]]:
     """libggml-cuda.so and the CUDA runtime, for the spec's architectures or the target's GPUs."""
     from airgap.build.sources import cuda
+    from airgap.build.sources.backend import engine_needs
     from airgap.build.sources.engine import default_cache_dir
 
     chosen = cuda.architectures_for(options.target, architectures)
@@ -397,7 +398,7 @@ def _collect_cuda(
         print(f"CUDA backend for compute capabilities {', '.join(chosen)}", file=sys.stderr)
     built = cuda.cuda_for(sdist, pip, architectures=chosen, cache_dir=options.engine_cache or default_cache_dir(),
                           progress=options.progress)
-    missing = sorted(cuda.engine_needs(built) - {f.name for f in engine_files})
+    missing = sorted(engine_needs(built, cuda.DRIVER_LIBRARIES) - {f.name for f in engine_files})
     if missing:
         raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the CUDA backend, "
                            "found none")

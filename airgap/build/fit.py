@@ -128,7 +128,7 @@ def _gb(n: int) -> str:
 class TargetedSpec:
     spec: Spec  # python version/platforms and model files pinned for the target
     record: dict[str, Any]  # the manifest's `target` field
-    engine: EngineChoice  # "cuda" when the bundle carries the CUDA backend for this host
+    engine: EngineChoice  # "cuda" or "vulkan" when the bundle carries that GPU backend for this host
 
 
 class HubReader:
@@ -149,18 +149,19 @@ class HubReader:
 
 
 def size_for_target(
-    spec: Spec, facts: HostFacts, hub: HubReader, say: Callable[[str], object] | None, *, cuda_packed: bool
+    spec: Spec, facts: HostFacts, hub: HubReader, say: Callable[[str], object] | None, *, cuda_packed: bool,
+    vulkan_packed: bool = False,
 ) -> TargetedSpec:
     """Pin the spec to the target host: its Python and platform tags, and each model sized to fit it.
 
-    `cuda_packed`: whether this build can carry the CUDA backend (the spec does not turn it off).
+    `cuda_packed`, `vulkan_packed`: whether this build can carry that backend (the spec does not turn it off).
     """
     if facts.implementation != "cpython" or facts.abi is None:
         raise SpecError(f"the target runs {facts.implementation} {facts.python_version}; airgap packs wheels for "
                         "CPython only")
     if facts.wheel_platform is None:
         raise SpecError("the target's probe lists no wheel platform tags; run `airgap probe` there again")
-    engine = choose_engine(facts, cuda_packed=cuda_packed)
+    engine = choose_engine(facts, cuda_packed=cuda_packed, vulkan_packed=vulkan_packed)
     host = host_info(facts)
     lines = [f"target: python {facts.python_minor} on {facts.wheel_platform}; engine {engine.engine}: {engine.reason}"]
     models = []
@@ -176,7 +177,7 @@ def size_for_target(
 
 
 def _size_model(model: ModelSpec, host: HostInfo, engine: EngineChoice, hub: HubReader) -> tuple[ModelSpec, Sized]:
-    gpu = engine.engine == "cuda"
+    gpu = engine.engine in ("cuda", "vulkan")
     if model.path is not None:
         from airgap.build.sources.gguf_meta import read_gguf_metadata
 

@@ -60,6 +60,9 @@ class Spec:
     # [engine] cpu_variants = ["zen4"]: the ggml CPU variants llama-server carries (x64 always); () leaves it to
     # `build --target` (the target's best) or builds every variant
     cpu_variants: tuple[str, ...] = ()
+    # the Vulkan ggml backend beside llama-server: None packs it when `build --target` names a host with an
+    # NVIDIA GPU whose driver is older than the CUDA floor; [engine] vulkan = true / false always or never
+    vulkan: bool | None = None
 
     @property
     def lock_path(self) -> Path:
@@ -91,11 +94,13 @@ def parse_spec(raw: dict[str, Any], path: Path) -> Spec:
     ids = [m.id for m in models]
     if len(set(ids)) != len(ids):
         raise doc.error(f"model ids must be unique, found {ids}")
-    engine = doc.optional_sub("engine").only(("llama_server", "cuda", "cuda_architectures", "cpu_variants"))
+    engine = doc.optional_sub("engine").only(
+        ("llama_server", "cuda", "cuda_architectures", "cpu_variants", "vulkan"))
     return Spec(path=path, name=name, version=version, models=models,
                 python=_python(doc.optional_sub("python"), path.parent), expires_days=expires,
                 engine=engine.optional_flag("llama_server"), cuda=_cuda(engine),
-                cuda_architectures=_cuda_architectures(engine), cpu_variants=_cpu_variants(engine))
+                cuda_architectures=_cuda_architectures(engine), cpu_variants=_cpu_variants(engine),
+                vulkan=_vulkan(engine))
 
 
 def _cuda(engine: Fields) -> bool | None:
@@ -103,6 +108,18 @@ def _cuda(engine: Fields) -> bool | None:
     if value is True and engine.optional_flag("llama_server") is False:
         raise engine.error("engine.cuda = true adds a backend to llama-server; expected engine.llama_server "
                            "to be true or absent, found false")
+    return value
+
+
+def _vulkan(engine: Fields) -> bool | None:
+    value = engine.optional_flag("vulkan")
+    if value is True and engine.optional_flag("llama_server") is False:
+        raise engine.error("engine.vulkan = true adds a backend to llama-server; expected engine.llama_server "
+                           "to be true or absent, found false")
+    if value is True and engine.optional_flag("cuda") is True:
+        # llama-server would load both and count every NVIDIA GPU twice, once as CUDA0 and once as Vulkan0
+        raise engine.error("engine.cuda and engine.vulkan both drive the same NVIDIA GPUs; expected at most one "
+                           "of them true, found both")
     return value
 
 

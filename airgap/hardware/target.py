@@ -50,9 +50,11 @@ def no_usable_gpu(host: HostInfo, cuda: bool) -> str | None:
     return None
 
 
-def driver_report(facts: HostFacts) -> dict[str, Any]:
-    """What `plan` says about the NVIDIA driver against the CUDA engine's floor."""
+def driver_report(facts: HostFacts, vulkan: bool = False) -> dict[str, Any]:
+    """What `plan` says about the NVIDIA driver against the CUDA engine's floor; `vulkan`: the installed engine
+    carries the Vulkan backend, which serves on a driver below that floor."""
     meets = meets_cuda_floor(facts.driver_version)
+    below = "the Vulkan engine serves" if vulkan else "the CPU engine serves"
     if not facts.gpus and facts.driver_version is None:
         line = "no NVIDIA driver: the CPU engine serves"
     elif meets is None:
@@ -61,7 +63,7 @@ def driver_report(facts: HostFacts) -> dict[str, Any]:
         line = f"NVIDIA driver {facts.driver_version} meets the CUDA {CUDA_MAJOR} floor (R{CUDA_DRIVER_FLOOR} or newer)"
     else:
         line = (f"NVIDIA driver {facts.driver_version} is older than R{CUDA_DRIVER_FLOOR}, which the CUDA "
-                f"{CUDA_MAJOR} engine needs: the CPU engine serves")
+                f"{CUDA_MAJOR} engine needs: {below}")
     return {"version": facts.driver_version, "cuda_major": CUDA_MAJOR, "floor": CUDA_DRIVER_FLOOR,
             "meets_floor": meets, "summary": line}
 
@@ -136,7 +138,7 @@ def cpu_variants_for(facts: HostFacts) -> tuple[str, ...] | None:
 
 @dataclass(frozen=True)
 class EngineChoice:
-    """Which engine a bundle for this host carries: "cuda" or "cpu", and why, in one line."""
+    """Which engine a bundle for this host carries: "cuda", "vulkan" or "cpu", and why, in one line."""
 
     engine: str
     reason: str
@@ -145,18 +147,24 @@ class EngineChoice:
         return {"engine": self.engine, "reason": self.reason}
 
 
-def choose_engine(facts: HostFacts, cuda_packed: bool) -> EngineChoice:
-    """CUDA only for a host with an NVIDIA GPU whose driver meets the floor, and only if this airgap packs it."""
+def choose_engine(facts: HostFacts, *, cuda_packed: bool, vulkan_packed: bool = False) -> EngineChoice:
+    """CUDA for a host with an NVIDIA GPU whose driver meets the floor, if this airgap packs it; Vulkan, if packed,
+    for one whose driver is older or unknown (Vulkan has no such floor); the CPU engine otherwise."""
     if not facts.gpus:
         return EngineChoice("cpu", "the target has no NVIDIA GPU: CPU engine")
     names = ", ".join(sorted({g.name for g in facts.gpus}))
     meets = meets_cuda_floor(facts.driver_version)
     if meets is None:
-        return EngineChoice("cpu", f"the target's NVIDIA driver version is unknown ({names}): CPU engine; the CUDA "
-                                   f"{CUDA_MAJOR} engine needs R{CUDA_DRIVER_FLOOR} or newer")
-    if not meets:
-        return EngineChoice("cpu", f"the target's NVIDIA driver {facts.driver_version} is older than "
-                                   f"R{CUDA_DRIVER_FLOOR}, which the CUDA {CUDA_MAJOR} engine needs: CPU engine")
+        why = (f"the target's NVIDIA driver version is unknown ({names})", f"the CUDA {CUDA_MAJOR} engine needs "
+               f"R{CUDA_DRIVER_FLOOR} or newer")
+    elif not meets:
+        why = (f"the target's NVIDIA driver {facts.driver_version} is older than R{CUDA_DRIVER_FLOOR}",
+               f"which the CUDA {CUDA_MAJOR} engine needs")
+    if meets is not True:
+        if vulkan_packed:
+            return EngineChoice("vulkan", f"{why[0]} ({why[1]}): Vulkan engine, which needs no CUDA floor")
+        return EngineChoice("cpu", f"{why[0]}: CPU engine; {why[1]}" if meets is None else
+                            f"{why[0]}, {why[1]}: CPU engine")
     if not cuda_packed:
         return EngineChoice("cpu", f"the target's {names} with driver {facts.driver_version} could run the CUDA "
                                    f"{CUDA_MAJOR} engine, but this airgap packs the CPU engine only: sized for CPU")
@@ -246,12 +254,13 @@ def cpu_variant_report(carried: Sequence[str], here: HostFacts) -> dict[str, Any
     return {"carried": known, "runs": runs, "best": best, "warning": line}
 
 
-def host_check(target: Mapping[str, Any] | None, here: HostFacts, cpu_variants: Sequence[str] = ()) -> dict[str, Any]:
-    """What `plan` adds about the host: the driver against the CUDA floor, which of the engine's `cpu_variants`
-    runs here, and one warning line when this host differs from the one the bundle was built for (a malformed
-    record is itself the warning, never an error)."""
-    report: dict[str, Any] = {"driver": driver_report(here), "built_for": None, "differences": [], "warning": None,
-                              "cpu_variant": cpu_variant_report(cpu_variants, here)}
+def host_check(target: Mapping[str, Any] | None, here: HostFacts, cpu_variants: Sequence[str] = (), *,
+               vulkan: bool = False) -> dict[str, Any]:
+    """What `plan` adds about the host: the driver against the CUDA floor (`vulkan`: the engine carries the
+    Vulkan backend), which of the engine's `cpu_variants` runs here, and one warning line when this host differs
+    from the one the bundle was built for (a malformed record is itself the warning, never an error)."""
+    report: dict[str, Any] = {"driver": driver_report(here, vulkan), "built_for": None, "differences": [],
+                              "warning": None, "cpu_variant": cpu_variant_report(cpu_variants, here)}
     try:
         built = built_for(target)
     except ProbeError as exc:

@@ -36,7 +36,7 @@ RESTART_WINDOW = 300.0
 LOAD_TIMEOUT = 600.0
 # Only what the engine needs from the server's environment; nothing that could point it at a network.
 _ENGINE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
-               "NVIDIA_VISIBLE_DEVICES", "GGML_CUDA_ENABLE_UNIFIED_MEMORY")
+               "NVIDIA_VISIBLE_DEVICES", "GGML_CUDA_ENABLE_UNIFIED_MEMORY", "GGML_VK_VISIBLE_DEVICES")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """The CUDA ggml backend (libggml-cuda.so) of the same pinned llama.cpp, built with a CUDA toolkit from wheels.
 
-The CPU engine (airgap.build.sources.engine) is built with GGML_BACKEND_DL: llama-server loads every
-libggml-*.so lying in its folder. This module compiles only the `ggml-cuda` target of the same sources with the
-same defines plus the CUDA ones, so the library drops into that folder and speaks the same ggml ABI.
+It is built the way every GPU backend is (airgap.build.sources.backend): the `ggml-cuda` target of the same
+sources as llama-server, with the same defines plus the CUDA ones, dropped into the engine's folder.
 
 The CUDA toolkit is not the host's: it is assembled from pinned, hash-checked NVIDIA wheels (CUDA 13), and CMake
 is pinned to it (`CUDAToolkit_ROOT`, `CMAKE_CUDA_COMPILER`), because CMake silently prefers a system CUDA. After
@@ -21,26 +20,22 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from airgap.build.sources.engine import (
-    BUILD_RECORD,
-    CARRIED_RUNTIME,
-    CMAKE_DEFINES,
-    EngineFile,
-    _extract_vendor,
-    build_lock,
-    builder_target,
-    offline_prefix,
-    read_elf,
-    run_build_step,
+from airgap.build.sources.backend import (
+    BackendBuild,
+    BuiltBackend,
+    build_backend,
+    cached_backend,
+    check_needs,
+    copy_backend_library,
+    defines_text,
 )
+from airgap.build.sources.engine import CMAKE_DEFINES, builder_target, offline_prefix, run_build_steps
 from airgap.build.sources.wheels import Pin, Pip
 from airgap.errors import ResolveError
 from airgap.hardware.facts import HostFacts
@@ -92,13 +87,6 @@ DEVELOPMENT_LINKS: Mapping[str, str] = {
 # Carried beside libggml-cuda.so: the host needs only the driver.
 CARRIED_CUDA = ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13")
 DRIVER_LIBRARIES = frozenset({"libcuda.so.1"})
-# What the CPU engine folder already holds, where libggml-cuda.so is put: ggml's base library (by its soname,
-# libggml-base.so.0) and the compiler runtime. The builder checks these are among the engine's files.
-ENGINE_LIBRARY_PREFIX = "libggml-base.so"
-_GLIBC = frozenset(
-    {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "ld-linux-x86-64.so.2"}
-)
-
 # The data-centre GPUs: A100 (8.0), A10/A40 (8.6), L4/L40S (8.9), H100/H200 (9.0).
 DEFAULT_ARCHITECTURES = ("80", "86", "89", "90")
 _JOBS = "2"
@@ -230,105 +218,28 @@ def toolkit_for(pip: Pip, *, cache_dir: Path, wheels: Sequence[ToolkitWheel] = T
     return Toolkit(root, key, tuple(wheels), size)
 
 
-@dataclass(frozen=True)
-class BuiltCuda:
-    """libggml-cuda.so and the CUDA runtime it loads, as they lie in the cache."""
-
-    folder: Path
-    files: tuple[EngineFile, ...]
-    cache_key: str
-    record: Mapping[str, object]
-    cached: bool
-
-
-def cached_cuda(cache_dir: Path, key: str) -> BuiltCuda | None:
-    folder = cache_dir / key
-    try:
-        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
-        recorded = dict(record["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    files = []
-    for name, sha256 in sorted(recorded.items()):
-        path = folder / "files" / name
-        if not path.is_file():
-            return None
-        digest = digest_file(path)
-        if digest.sha256 != sha256:
-            raise ResolveError(f"expected cached {path} with sha256 {sha256}, found {digest.sha256}")
-        files.append(EngineFile(name, path, digest.sha256, digest.size))
-    return BuiltCuda(folder / "files", tuple(files), key, record, cached=True)
-
-
 def find_cached_cuda(cache_dir: Path, version: str, sdist_sha256: str,
-                     architectures: Sequence[str]) -> BuiltCuda | None:
-    return cached_cuda(cache_dir, cache_key(version, sdist_sha256, architectures))
+                     architectures: Sequence[str]) -> BuiltBackend | None:
+    return cached_backend(cache_dir, cache_key(version, sdist_sha256, architectures))
 
 
 def build_cuda(sdist: Path, toolkit: Toolkit, *, version: str, sdist_sha256: str, architectures: Sequence[str],
-               cache_dir: Path, progress: bool = True) -> BuiltCuda:
+               cache_dir: Path, progress: bool = True) -> BuiltBackend:
     """Return the cached CUDA backend, or compile it (about 20 minutes per architecture on 2 cores)."""
-    key = cache_key(version, sdist_sha256, architectures, toolkit.wheels)
-    found = cached_cuda(cache_dir, key)
-    if found is not None:
-        return found
-    with build_lock(cache_dir, key):
-        # another process may have finished this very build while this one waited for the lock
-        found = cached_cuda(cache_dir, key)
-        if found is not None:
-            return found
-        return _build_cuda(sdist, toolkit, key, version=version, sdist_sha256=sdist_sha256,
-                           architectures=architectures, cache_dir=cache_dir, progress=progress)
-
-
-def _build_cuda(sdist: Path, toolkit: Toolkit, key: str, *, version: str, sdist_sha256: str,
-                architectures: Sequence[str], cache_dir: Path, progress: bool) -> BuiltCuda:
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            raise ResolveError(f"expected {tool} on PATH to build the CUDA backend, found none")
-    work = cache_dir / f".work-{key}"
-    work.mkdir(parents=True, exist_ok=True)
-    source = _extract_vendor(sdist, work / "src")
-    if progress:
-        print(f"building the CUDA backend for sm_{', sm_'.join(architectures)} from {sdist.name} "
-              "(once per cache key; ~20 min per architecture on 2 cores)", file=sys.stderr)
-    # a retry after a failure resumes the compile: the record counts the seconds of every attempt
-    spent = work / "seconds"
-    earlier = float(spent.read_text(encoding="utf-8")) if spent.is_file() else 0.0
-    started = time.monotonic()
-    try:
-        offline = _compile(source, work / "build", toolkit, architectures, progress)
-    finally:
-        spent.write_text(f"{earlier + time.monotonic() - started:.1f}\n", encoding="utf-8")
-    seconds = float(spent.read_text(encoding="utf-8"))
-    toolkit_used = _check_toolkit_used(work / "build" / "CMakeCache.txt", toolkit)
-    with tempfile.TemporaryDirectory(prefix=f".{key}-", dir=cache_dir) as staging:
-        entry = Path(staging) / "entry"
-        (entry / "files").mkdir(parents=True)
-        names = collect(work / "build" / "bin", toolkit.root / "lib", entry / "files")
-        record = {
-            "project": "ggml-cuda",
-            "version": version,
-            "sdist": sdist.name,
-            "sdist_sha256": sdist_sha256,
-            "target": builder_target(),
+    build = BackendBuild(
+        project="ggml-cuda",
+        announce=f"building the CUDA backend for sm_{', sm_'.join(architectures)} from {sdist.name} "
+                 "(once per cache key; ~20 min per architecture on 2 cores)",
+        compile=lambda source, folder, shown: _compile(source, folder, toolkit, architectures, shown),
+        collect=lambda folder, into: collect(folder / "bin", toolkit.root / "lib", into),
+        record={
             "defines": {**CMAKE_DEFINES, **cuda_defines(architectures)},
             "architectures": list(architectures),
             "toolkit": [f"{w.name}=={w.version} sha256:{w.sha256}" for w in toolkit.wheels],
-            "toolkit_compiler": toolkit_used,
-            "built_offline": offline,
-            "seconds": round(seconds, 1),
-            "files": {n: digest_file(entry / "files" / n).sha256 for n in names},
-        }
-        (entry / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        final = cache_dir / key
-        shutil.rmtree(final, ignore_errors=True)
-        entry.rename(final)
-    shutil.rmtree(work, ignore_errors=True)
-    built = cached_cuda(cache_dir, key)
-    if built is None:
-        raise ResolveError(f"expected a built CUDA backend in {cache_dir / key}, found none")
-    return BuiltCuda(built.folder, built.files, key, built.record, cached=False)
+        },
+    )
+    return build_backend(sdist, build, cache_key(version, sdist_sha256, architectures, toolkit.wheels),
+                         version=version, sdist_sha256=sdist_sha256, cache_dir=cache_dir, progress=progress)
 
 
 def toolkit_defines(toolkit: Toolkit) -> dict[str, str]:
@@ -339,7 +250,8 @@ def toolkit_defines(toolkit: Toolkit) -> dict[str, str]:
     }
 
 
-def _compile(source: Path, build: Path, toolkit: Toolkit, architectures: Sequence[str], progress: bool) -> bool:
+def _compile(source: Path, build: Path, toolkit: Toolkit, architectures: Sequence[str],
+             progress: bool) -> tuple[bool, dict[str, str]]:
     prefix, offline = offline_prefix()
     defines = {**CMAKE_DEFINES, **cuda_defines(architectures), **toolkit_defines(toolkit)}
     dropped = {"CFLAGS", "CXXFLAGS", "LDFLAGS", "CMAKE_ARGS", "CUDA_PATH", "CUDA_HOME", "CUDAToolkit_ROOT",
@@ -353,13 +265,8 @@ def _compile(source: Path, build: Path, toolkit: Toolkit, architectures: Sequenc
          *(f"-D{k}={v}" for k, v in defines.items())],
         [*prefix, "cmake", "--build", str(build), "-j", _JOBS, "--target", "ggml-cuda"],
     ]
-    for step in steps:
-        code, errors = run_build_step(step, env, progress)
-        if code != 0:
-            tail = [line for line in errors.splitlines() if line.strip()][-3:] or ["no output"]
-            raise ResolveError(f"expected {' '.join(step[len(prefix):len(prefix) + 2])} to succeed building "
-                               f"the CUDA backend, it failed: {' | '.join(t.strip() for t in tail)}")
-    return offline
+    run_build_steps(steps, env, len(prefix), "the CUDA backend", progress)
+    return offline, {"toolkit_compiler": _check_toolkit_used(build / "CMakeCache.txt", toolkit)}
 
 
 def _check_toolkit_used(cmake_cache: Path, toolkit: Toolkit) -> str:
@@ -384,35 +291,16 @@ def toolkit_in_cmake_cache(text: str, root: Path) -> str:
 
 def collect(bin_dir: Path, toolkit_lib: Path, into: Path) -> list[str]:
     """Copy libggml-cuda.so and the CUDA runtime it needs; check what each one needs from the host."""
-    found = bin_dir / CUDA_BACKEND
-    if not found.is_file():
-        raise ResolveError(f"expected {CUDA_BACKEND} in the CUDA build output {bin_dir}, found none")
-    shutil.copyfile(found.resolve(), into / CUDA_BACKEND)
-    elf = read_elf(into / CUDA_BACKEND)
-    if elf.runpath != "$ORIGIN":
-        raise ResolveError(f"expected RUNPATH exactly $ORIGIN in {CUDA_BACKEND}, found {elf.runpath!r}")
+    copy_backend_library(bin_dir, CUDA_BACKEND, into)
     for name in CARRIED_CUDA:
         shutil.copyfile((toolkit_lib / name).resolve(), into / name)
     copied = [CUDA_BACKEND, *CARRIED_CUDA]
-    allowed = _GLIBC | set(CARRIED_RUNTIME) | DRIVER_LIBRARIES | set(copied)
-    for name in copied:
-        leftover = [n for n in read_elf(into / name).needed
-                    if n not in allowed and not n.startswith(ENGINE_LIBRARY_PREFIX)]
-        if leftover:
-            raise ResolveError(f"expected {name} to need only glibc, the engine's, carried CUDA and driver "
-                               f"libraries, it needs {leftover}")
+    check_needs(into, copied, DRIVER_LIBRARIES)
     return sorted(copied)
 
 
-def engine_needs(built: BuiltCuda) -> set[str]:
-    """What the CUDA files need from the CPU engine's folder (ggml's base library, the compiler runtime)."""
-    carried = {f.name for f in built.files}
-    return {n for f in built.files for n in read_elf(f.path).needed
-            if n not in carried and n not in _GLIBC and n not in DRIVER_LIBRARIES}
-
-
 def cuda_for(sdist: Pin, pip: Pip, *, architectures: Sequence[str], cache_dir: Path,
-             progress: bool = True) -> BuiltCuda:
+             progress: bool = True) -> BuiltBackend:
     """The CUDA backend of the pinned sdist: from the cache, or with the toolkit and sdist fetched by hash."""
     found = find_cached_cuda(cache_dir, sdist.version, sdist.sha256, architectures)
     if found is not None:
@@ -424,21 +312,19 @@ def cuda_for(sdist: Pin, pip: Pip, *, architectures: Sequence[str], cache_dir: P
                           architectures=architectures, cache_dir=cache_dir, progress=progress)
 
 
-def manifest_source(built: BuiltCuda) -> dict[str, str]:
+def manifest_source(built: BuiltBackend) -> dict[str, str]:
     """What the manifest records for each CUDA file: the sdist, the toolkit pins, the archs and build time."""
     record = built.record
-    defines = record.get("defines", {})
-    assert isinstance(defines, dict)
     toolkit = record.get("toolkit", [])
-    assert isinstance(toolkit, list)
     architectures = record.get("architectures", [])
-    assert isinstance(architectures, list)
+    if not isinstance(toolkit, list) or not isinstance(architectures, list):
+        raise ResolveError(f"expected the CUDA build record {built.cache_key} to list its toolkit and architectures")
     return {
         "type": "built",
         "from": str(record.get("sdist", "")),
         "sdist_sha256": str(record.get("sdist_sha256", "")),
         "cache_key": built.cache_key,
-        "cmake_defines": " ".join(f"{k}={v}" for k, v in sorted(defines.items())),
+        "cmake_defines": defines_text(record),
         "cuda_toolkit": " ".join(str(t) for t in toolkit),
         "cuda_architectures": " ".join(str(a) for a in architectures),
         "build_seconds": str(record.get("seconds", "")),

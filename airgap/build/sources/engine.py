@@ -301,13 +301,19 @@ def _compile(source: Path, build: Path, variants: Sequence[str], progress: bool)
         [*prefix, "cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *defines],
         [*prefix, "cmake", "--build", str(build), "-j", _JOBS, "--target", *targets],
     ]
+    run_build_steps(steps, env, len(prefix), "llama-server", progress)
+    return offline
+
+
+def run_build_steps(steps: Sequence[Sequence[str]], env: Mapping[str, str], prefix_length: int, what: str,
+                    progress: bool) -> None:
+    """Run cmake steps in order; the first that fails stops the build with one line: its last errors."""
     for step in steps:
         code, errors = run_build_step(step, env, progress)
         if code != 0:
-            tail = [line for line in errors.splitlines() if line.strip()][-1:] or ["no output"]
-            raise ResolveError(f"expected {' '.join(step[len(prefix):len(prefix) + 2])} to succeed building "
-                               f"llama-server, it failed: {tail[0].strip()}")
-    return offline
+            tail = [line.strip() for line in errors.splitlines() if line.strip()][-3:] or ["no output"]
+            command = " ".join(step[prefix_length:prefix_length + 2])
+            raise ResolveError(f"expected {command} to succeed building {what}, it failed: {' | '.join(tail)}")
 
 
 def run_build_step(step: Sequence[str], env: Mapping[str, str], progress: bool) -> tuple[int, str]:

@@ -245,9 +245,15 @@ REFUSALS = [
                                              "found [1]"),
     # [engine]
     ('engine = true\n' + BUNDLE, "invalid spec: field 'engine' must be an object, found True"),
-    (BUNDLE + "[engine]\nvulkan = true\n",
-     "invalid spec.engine: expected only the fields cpu_variants, cuda, cuda_architectures, llama_server, found "
-     "'vulkan'"),
+    (BUNDLE + "[engine]\nrocm = true\n",
+     "invalid spec.engine: expected only the fields cpu_variants, cuda, cuda_architectures, llama_server, vulkan, "
+     "found 'rocm'"),
+    (BUNDLE + "[engine]\nvulkan = \"yes\"\n", "invalid spec.engine: field 'vulkan' must be true or false, found 'yes'"),
+    (BUNDLE + "[engine]\nllama_server = false\nvulkan = true\n",
+     "engine.vulkan = true adds a backend to llama-server; expected engine.llama_server to be true or absent, "
+     "found false"),
+    (BUNDLE + "[engine]\ncuda = true\nvulkan = true\n",
+     "engine.cuda and engine.vulkan both drive the same NVIDIA GPUs; expected at most one of them true, found both"),
     (BUNDLE + "[engine]\ncpu_variants = []\n",
      "invalid spec.engine: field 'cpu_variants' must be a non-empty list like [\"zen4\"] or [\"haswell\", "
      "\"icelake\"], found []"),

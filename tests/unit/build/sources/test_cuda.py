@@ -13,6 +13,7 @@ import pytest
 
 from airgap.build.builder import _can_pack_cuda
 from airgap.build.sources import cuda, engine
+from airgap.build.sources.backend import BuiltBackend
 from airgap.build.spec import load_spec
 from airgap.errors import ResolveError, SpecError
 from airgap.hardware.facts import GpuFacts, HostFacts, probe_facts
@@ -110,7 +111,7 @@ def test_manifest_source_records_toolkit_pins_architectures_and_build_seconds(tm
               "defines": {**engine.CMAKE_DEFINES, **cuda.cuda_defines(("90",))}, "architectures": ["90"],
               "toolkit": ["nvidia-cuda-nvcc==13.5.37 sha256:ab", "nvidia-cublas==13.10.0.20 sha256:cd"],
               "seconds": 1234.5}
-    built = cuda.BuiltCuda(tmp_path, (), "ggml-cuda-key", record, cached=True)
+    built = BuiltBackend(tmp_path, (), "ggml-cuda-key", record, cached=True)
     source = cuda.manifest_source(built)
     assert source["cuda_toolkit"] == "nvidia-cuda-nvcc==13.5.37 sha256:ab nvidia-cublas==13.10.0.20 sha256:cd"
     assert source["cuda_architectures"] == "90" and source["build_seconds"] == "1234.5"
