@@ -74,13 +74,17 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
     created = creation_time(options.created)
     target: dict[str, object] | None = None
     cuda = spec.cuda is True
+    vulkan = spec.vulkan is True
     if options.target is not None:
         from airgap.build.fit import HubReader, size_for_target
 
         targeted = size_for_target(spec, options.target, HubReader(options.hub_endpoint), options.say,
-                                   cuda_packed=_can_pack_cuda(spec))
+                                   cuda_packed=_can_pack_cuda(spec), vulkan_packed=_can_pack_vulkan(spec))
         spec, target = targeted.spec, targeted.record
         cuda = cuda or targeted.engine.engine == "cuda"
+        vulkan = vulkan or targeted.engine.engine == "vulkan"
+    if vulkan:
+        _check_vulkan_toolchain(spec)  # before anything is downloaded
     _check_no_open_choice(spec)
     base = read_base(options.base) if options.base is not None else None
     roots = load_roots(options.roots)
@@ -89,7 +93,7 @@ def build_bundle(spec: Spec, signers: Sequence[PrivateKey], options: BuildOption
         work = Path(tmp)
         wheels = _collect_wheels(spec, options, work / "wheels")
         llama = _llama_sdist(spec, wheels, options)
-        engine = _collect_engine(spec, wheels, llama, options, cuda=cuda)
+        engine = _collect_engine(spec, wheels, llama, options, cuda=cuda, vulkan=vulkan)
         models, model_files, model_licenses = _collect_models(spec, options, llama)
         bootstrap = _bootstrap_requirements(spec, wheels, work)
         # what an operator needs to install airgap itself stays raw: tar, sha256sum and pip suffice, no zstd
@@ -326,6 +330,24 @@ def _can_pack_cuda(spec: Spec) -> bool:
     return spec.engine is not False and "llama-cpp-python" in names
 
 
+def _can_pack_vulkan(spec: Spec) -> bool:
+    """Whether a build for a target below the CUDA floor carries the Vulkan backend: unless the spec says no or
+    asks for CUDA, whenever llama-server is built (then it needs a Vulkan toolchain on this host)."""
+    if spec.vulkan is not None:
+        return spec.vulkan
+    return spec.cuda is not True and _can_pack_cuda(spec)
+
+
+def _check_vulkan_toolchain(spec: Spec) -> None:
+    from airgap.build.sources.vulkan import find_toolchain
+
+    try:
+        find_toolchain(os.environ)
+    except ResolveError as exc:
+        asked = "engine.vulkan = true" if spec.vulkan else "the target's Vulkan engine (engine.vulkan = false: CPU)"
+        raise ResolveError(f"{spec.path}: {asked}: {exc.message}") from exc
+
+
 def _llama_sdist(spec: Spec, wheels: list[ResolvedWheel], options: BuildOptions) -> LlamaSdist | None:
     """The sdist llama-cpp-python was built from, when the requirements build it from source."""
     llama = next((w for w in wheels if w.name == "llama-cpp-python"), None)
@@ -352,18 +374,20 @@ def cpu_variants(spec_variants: Sequence[str], target: HostFacts | None) -> tupl
 
 
 def _collect_engine(
-    spec: Spec, wheels: list[ResolvedWheel], llama: LlamaSdist | None, options: BuildOptions, *, cuda: bool
+    spec: Spec, wheels: list[ResolvedWheel], llama: LlamaSdist | None, options: BuildOptions, *, cuda: bool,
+    vulkan: bool = False,
 ) -> list[tuple[Path, DraftFile]]:
     """llama-server from the same sdist llama-cpp-python was built from, when the spec pulls that in; with
-    `cuda`, the CUDA ggml backend of that sdist beside it."""
+    `cuda` or `vulkan`, that GPU backend of the same sdist beside it."""
     if spec.engine is False:
         return []
     if llama is None:
-        if spec.engine or cuda:
+        if spec.engine or cuda or vulkan:
             wheel = next((w for w in wheels if w.name == "llama-cpp-python"), None)
             found = "no llama-cpp-python" if wheel is None else f"llama-cpp-python from {wheel.source.get('type')}"
             asked = ("engine.llama_server = true" if spec.engine else "engine.cuda = true" if spec.cuda
-                     else "the target's CUDA engine")
+                     else "engine.vulkan = true" if spec.vulkan else
+                     "the target's CUDA engine" if cuda else "the target's Vulkan engine")
             raise SpecError(f"{spec.path}: {asked} builds llama-server from the "
                             f"llama-cpp-python sdist; expected the requirements to build it from source, found {found}")
         return []
@@ -382,6 +406,8 @@ def _collect_engine(
                                 source=source)) for f in built.files]
     if cuda:
         files += _collect_cuda(llama.pin, llama.pip, built.files, options, spec.cuda_architectures)
+    if vulkan:
+        files += _collect_vulkan(llama.pin, llama.pip, built.files, options)
     return files
 
 
@@ -403,6 +429,25 @@ def _collect_cuda(
         raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the CUDA backend, "
                            "found none")
     source = cuda.manifest_source(built)
+    return [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
+                               source=source)) for f in built.files]
+
+
+def _collect_vulkan(
+    sdist: Pin, pip: Pip, engine_files: Sequence[EngineFile], options: BuildOptions
+) -> list[tuple[Path, DraftFile]]:
+    """libggml-vulkan.so and the Vulkan loader, beside llama-server."""
+    from airgap.build.sources import vulkan
+    from airgap.build.sources.backend import engine_needs
+    from airgap.build.sources.engine import default_cache_dir
+
+    built = vulkan.vulkan_for(sdist, pip, cache_dir=options.engine_cache or default_cache_dir(),
+                              progress=options.progress)
+    missing = sorted(engine_needs(built) - {f.name for f in engine_files})
+    if missing:
+        raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the Vulkan backend, "
+                           "found none")
+    source = vulkan.manifest_source(built)
     return [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                source=source)) for f in built.files]
 

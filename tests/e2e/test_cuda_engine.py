@@ -38,6 +38,7 @@ def _cuda_build_cached() -> bool:
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(7200),  # the suite's 900 s per test would stop the compile it exists to run
     pytest.mark.skipif(
         os.environ.get("AIRGAP_TEST_CUDA") != "1" and not _cuda_build_cached(),
         reason="the CUDA backend build takes 20+ minutes on 2 cores: set AIRGAP_TEST_CUDA=1 to run it (it also "

@@ -44,6 +44,9 @@ VULKAN_DEFINES: Mapping[str, str] = {"GGML_VULKAN": "ON"}
 LAYOUT_VERSION = 1  # bump when what is copied out of a finished compile changes
 TOOLCHAIN_PACKAGES = "glslc, libvulkan-dev and spirv-headers"  # the Debian packages that hold the toolchain
 _HEADER = Path("vulkan") / "vulkan_core.h"
+# What the pinned llama.cpp's Vulkan backend uses without a guard: headers older than this (Debian 12's 1.3.239)
+# stop the compile after its shaders, a quarter of an hour in; find_toolchain refuses them at once instead.
+REQUIRED_HEADER_EXTENSIONS = ("VK_EXT_layer_settings",)
 # ggml's optional shader features: each is an extension its CMake tests glslc for, and a define it adds if so
 _FEATURE_TEST = re.compile(r'test_shader_extension_support\(\s*"(GL_\w+)"\s*"[^"]*"\s*"(GGML_VULKAN_\w+)"\s*\)')
 
@@ -100,9 +103,15 @@ def find_toolchain(environ: Mapping[str, str],
     if shown.returncode != 0 or not first:
         raise ResolveError(f"expected {glslc} --version to print its version, found exit {shown.returncode}")
     header = (include_dir / _HEADER).read_bytes()
+    text = header.decode("utf-8", "replace")
+    version = headers_version(text)
+    lacking = [e for e in REQUIRED_HEADER_EXTENSIONS if re.search(rf"^#define {e} 1\s*$", text, re.M) is None]
+    if lacking:
+        raise ResolveError(f"expected Vulkan headers that define {', '.join(lacking)} (the pinned llama.cpp's "
+                           f"Vulkan backend uses it), found headers {version} in {include_dir} without it; point "
+                           "VULKAN_SDK at newer ones (Debian 13's libvulkan-dev, or the LunarG Vulkan SDK)")
     digest = hashlib.sha256(Path(glslc).resolve().read_bytes() + b"\0" + header).hexdigest()
-    return VulkanToolchain(Path(glslc).resolve(), first, include_dir,
-                           headers_version(header.decode("utf-8", "replace")), digest)
+    return VulkanToolchain(Path(glslc).resolve(), first, include_dir, version, digest)
 
 
 def cache_key(version: str, sdist_sha256: str, toolchain: VulkanToolchain) -> str:
