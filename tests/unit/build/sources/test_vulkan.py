@@ -199,3 +199,22 @@ def test_a_vulkan_build_without_its_toolchain_stops_before_downloading_anything(
     assert_refused(built, f"{spec}: engine.vulkan = true: expected glslc in $VULKAN_SDK/bin to build the Vulkan "
                           "backend (Debian packages: glslc, libvulkan-dev and spirv-headers), found none")
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
+
+
+def test_a_vulkan_target_is_sized_for_its_gpu_as_a_cuda_one_is(tmp_path: Path, tiny_model: Path,
+                                                                here: HostFacts) -> None:
+    from airgap.build.fit import HubReader, size_for_target
+
+    path = tmp_path / "s.toml"
+    path.write_text(f'[bundle]\nname = "s"\nversion = "1"\n[[models]]\nid = "tiny"\npath = "{tiny_model}"\n',
+                    encoding="utf-8")
+    spec = load_spec(path)
+    old = dataclasses.replace(here, gpus=(RTX,), driver_version="535.183.01", implementation="cpython")
+    new = dataclasses.replace(old, driver_version="580.65.06")
+    hub = HubReader(None)  # a local model: the hub is never asked
+    on_vulkan = size_for_target(spec, old, hub, None, cuda_packed=True, vulkan_packed=True)
+    on_cuda = size_for_target(spec, new, hub, None, cuda_packed=True, vulkan_packed=True)
+    on_cpu = size_for_target(spec, old, hub, None, cuda_packed=True, vulkan_packed=False)
+    assert (on_vulkan.engine.engine, on_cuda.engine.engine, on_cpu.engine.engine) == ("vulkan", "cuda", "cpu")
+    assert on_vulkan.record["choices"][1:] == on_cuda.record["choices"][1:]  # the same GPU sizing per model
+    assert on_vulkan.record["choices"][1:] != on_cpu.record["choices"][1:]
