@@ -6,7 +6,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ from airgap.trust.roots import Root
 from airgap.trust.signing import PrivateKey, key_id, sign
 
 if TYPE_CHECKING:
+    from airgap.build.sources.backend import BuiltBackend
     from airgap.build.sources.engine import EngineFile
     from airgap.build.sources.wheels import Pin, Pip
 
@@ -416,7 +417,6 @@ def _collect_cuda(
 ) -> list[tuple[Path, DraftFile]]:
     """libggml-cuda.so and the CUDA runtime, for the spec's architectures or the target's GPUs."""
     from airgap.build.sources import cuda
-    from airgap.build.sources.backend import engine_needs
     from airgap.build.sources.engine import default_cache_dir
 
     chosen = cuda.architectures_for(options.target, architectures)
@@ -424,13 +424,7 @@ def _collect_cuda(
         print(f"CUDA backend for compute capabilities {', '.join(chosen)}", file=sys.stderr)
     built = cuda.cuda_for(sdist, pip, architectures=chosen, cache_dir=options.engine_cache or default_cache_dir(),
                           progress=options.progress)
-    missing = sorted(engine_needs(built, cuda.DRIVER_LIBRARIES) - {f.name for f in engine_files})
-    if missing:
-        raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the CUDA backend, "
-                           "found none")
-    source = cuda.manifest_source(built)
-    return [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
-                               source=source)) for f in built.files]
+    return _backend_entries(built, engine_files, cuda.DRIVER_LIBRARIES, cuda.manifest_source(built), "CUDA")
 
 
 def _collect_vulkan(
@@ -438,16 +432,22 @@ def _collect_vulkan(
 ) -> list[tuple[Path, DraftFile]]:
     """libggml-vulkan.so and the Vulkan loader, beside llama-server."""
     from airgap.build.sources import vulkan
-    from airgap.build.sources.backend import engine_needs
     from airgap.build.sources.engine import default_cache_dir
 
     built = vulkan.vulkan_for(sdist, pip, cache_dir=options.engine_cache or default_cache_dir(),
                               progress=options.progress)
-    missing = sorted(engine_needs(built) - {f.name for f in engine_files})
+    return _backend_entries(built, engine_files, (), vulkan.manifest_source(built), "Vulkan")
+
+
+def _backend_entries(built: BuiltBackend, engine_files: Sequence[EngineFile], host_provided: Iterable[str],
+                     source: dict[str, str], name: str) -> list[tuple[Path, DraftFile]]:
+    """A GPU backend's files as engine entries, once the engine is known to carry what they need from it."""
+    from airgap.build.sources.backend import engine_needs
+
+    missing = sorted(engine_needs(built, host_provided) - {f.name for f in engine_files})
     if missing:
-        raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the Vulkan backend, "
-                           "found none")
-    source = vulkan.manifest_source(built)
+        raise ResolveError(f"expected the llama-server engine to carry {', '.join(missing)} for the {name} "
+                           "backend, found none")
     return [(f.path, DraftFile(path=f"engine/{f.name}", size=f.size, sha256=f.sha256, kind="engine",
                                source=source)) for f in built.files]
 

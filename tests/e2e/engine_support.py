@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 import zipfile
@@ -137,3 +138,22 @@ def health(base: str) -> int:
             return int(reply.status)
     except OSError:
         return 0
+
+
+def serve_one_chat(prefix: Path, bundle: Path, log: Path) -> dict[str, int]:
+    """`airgap serve` the installed bundle, ask model "smol" one chat of at most 3 tokens, stop; its usage."""
+    served = start_serving(prefix, bundle, log)
+    try:
+        reply = served.json(textwrap.dedent("""
+            import json, sys, urllib.request
+            body = json.dumps({"model": "smol", "messages": [{"role": "user", "content": "Hi"}],
+                               "max_tokens": 3}).encode()
+            request = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=body, headers={
+                "Authorization": "Bearer " + sys.argv[2], "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                print(json.dumps(json.loads(answer.read())["usage"]))
+        """), served.base, "engine-test-key-0123456789")
+    finally:
+        stop_serving(served)
+    assert isinstance(reply, dict), reply
+    return {str(k): int(v) for k, v in reply.items() if isinstance(v, int)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from airgap.build.sources import cuda
 from airgap.build.sources.engine import default_cache_dir
 from airgap.errors import ResolveError
 from tests.conftest import KeyPair
-from tests.e2e.engine_support import smollm2_gguf, start_serving, stop_serving, write_engine_spec
+from tests.e2e.engine_support import serve_one_chat, smollm2_gguf, write_engine_spec
 from tests.support import airgap
 
 SDIST_VERSION = "0.3.36"
@@ -80,17 +79,4 @@ def test_a_cuda_bundle_carries_the_backend_and_runtime_and_serves_on_cpu_without
 
     planned = airgap("plan", "--prefix", prefix, "--json")
     assert planned.code == 0, planned.stderr[-2000:]
-    served = start_serving(prefix, bundle, tmp_path / "serve.log")
-    try:
-        reply = served.json(textwrap.dedent("""
-            import json, sys, urllib.request
-            body = json.dumps({"model": "smol", "messages": [{"role": "user", "content": "Hi"}],
-                               "max_tokens": 3}).encode()
-            request = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=body, headers={
-                "Authorization": "Bearer " + sys.argv[2], "Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=120) as answer:
-                print(json.dumps(json.loads(answer.read())["usage"]))
-        """), served.base, "engine-test-key-0123456789")
-        assert isinstance(reply, dict) and 1 <= reply["completion_tokens"] <= 3
-    finally:
-        stop_serving(served)
+    assert 1 <= serve_one_chat(prefix, bundle, tmp_path / "serve.log")["completion_tokens"] <= 3

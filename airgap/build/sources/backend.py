@@ -175,8 +175,18 @@ def engine_needs(built: BuiltBackend, host_provided: Iterable[str] = ()) -> set[
     return {n for f in built.files for n in read_elf(f.path).needed if n not in carried and n not in outside}
 
 
-def defines_text(record: Mapping[str, object]) -> str:
+def built_source(built: BuiltBackend) -> dict[str, str]:
+    """What the manifest records for every backend file: the sdist, the cache key, the defines and build time;
+    each backend adds its toolchain."""
+    record = built.record
     defines = record.get("defines", {})
     if not isinstance(defines, dict):
         raise ResolveError(f"expected the build record's defines as a table, found {type(defines).__name__}")
-    return " ".join(f"{k}={v}" for k, v in sorted(defines.items()))
+    return {
+        "type": "built",
+        "from": str(record.get("sdist", "")),
+        "sdist_sha256": str(record.get("sdist_sha256", "")),
+        "cache_key": built.cache_key,
+        "cmake_defines": " ".join(f"{k}={v}" for k, v in sorted(defines.items())),
+        "build_seconds": str(record.get("seconds", "")),
+    }

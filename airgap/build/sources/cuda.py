@@ -30,10 +30,10 @@ from airgap.build.sources.backend import (
     BackendBuild,
     BuiltBackend,
     build_backend,
+    built_source,
     cached_backend,
     check_needs,
     copy_backend_library,
-    defines_text,
 )
 from airgap.build.sources.engine import CMAKE_DEFINES, builder_target, offline_prefix, run_build_steps
 from airgap.build.sources.wheels import Pin, Pip
@@ -320,12 +320,7 @@ def manifest_source(built: BuiltBackend) -> dict[str, str]:
     if not isinstance(toolkit, list) or not isinstance(architectures, list):
         raise ResolveError(f"expected the CUDA build record {built.cache_key} to list its toolkit and architectures")
     return {
-        "type": "built",
-        "from": str(record.get("sdist", "")),
-        "sdist_sha256": str(record.get("sdist_sha256", "")),
-        "cache_key": built.cache_key,
-        "cmake_defines": defines_text(record),
+        **built_source(built),
         "cuda_toolkit": " ".join(str(t) for t in toolkit),
         "cuda_architectures": " ".join(str(a) for a in architectures),
-        "build_seconds": str(record.get("seconds", "")),
     }

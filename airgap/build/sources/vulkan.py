@@ -29,10 +29,10 @@ from airgap.build.sources.backend import (
     BackendBuild,
     BuiltBackend,
     build_backend,
+    built_source,
     cached_backend,
     check_needs,
     copy_backend_library,
-    defines_text,
 )
 from airgap.build.sources.engine import CMAKE_DEFINES, builder_target, offline_prefix, run_build_steps
 from airgap.build.sources.wheels import Pin, Pip
@@ -220,13 +220,8 @@ def manifest_source(built: BuiltBackend) -> dict[str, str]:
     if not isinstance(toolchain, dict) or not isinstance(features, dict):
         raise ResolveError(f"expected the Vulkan build record {built.cache_key} to hold its toolchain and features")
     return {
-        "type": "built",
-        "from": str(record.get("sdist", "")),
-        "sdist_sha256": str(record.get("sdist_sha256", "")),
-        "cache_key": built.cache_key,
-        "cmake_defines": defines_text(record),
+        **built_source(built),
         "vulkan_toolchain": f"{toolchain.get('glslc_version', '')}; "
                             f"Vulkan headers {toolchain.get('headers_version', '')}",
         "vulkan_shader_features": " ".join(sorted(n for n, on in features.items() if on)) or "none",
-        "build_seconds": str(record.get("seconds", "")),
     }
